@@ -1,0 +1,24 @@
+"""flashattn: exact attention computed the FlashAttention way (tiled, online softmax, recomputing backward).
+
+    from flashattn import flash_attn_func
+    out = flash_attn_func(q, k, v, causal=True)        # q, k, v: (batch, seqlen, nheads, headdim)
+"""
+from .api import (
+    choose_backend,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    scaled_dot_product_attention,
+)
+from .reference import attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_ref",
+    "choose_backend",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "scaled_dot_product_attention",
+]

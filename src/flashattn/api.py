@@ -1,0 +1,262 @@
+"""The public API: flash_attn-compatible functions and an SDPA-style function.
+
+Argument checks live here and nowhere else; `choose_backend` is the one dispatch point.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import masks, ops
+
+MAX_HEADDIM = 256
+MIN_HEADDIM = 8
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def choose_backend(q: torch.Tensor) -> str:
+    """The one dispatch point.
+
+    FLASHATTN_BACKEND=reference|torch|triton forces a backend. Otherwise: CUDA tensors in fp16/bf16
+    go to the Triton kernels; everything else (CPU, other devices, float32/float64) to the PyTorch
+    tiled path, which computes the same algorithm.
+    """
+    forced = os.environ.get("FLASHATTN_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in ops.BACKENDS:
+            raise ValueError(f"FLASHATTN_BACKEND={forced!r} is not a backend; expected one of {ops.BACKENDS} "
+                             "(or unset it to let flashattn choose)")
+        if forced == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("FLASHATTN_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                             f"kernels on the CPU), got tensors on {q.device}")
+        return forced
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available() and _triton_ready():
+        return "triton"
+    return "torch"
+
+
+def _triton_ready() -> bool:
+    try:
+        ops.backend_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_tensor(name: str, x, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = "; add the missing batch dimension with .unsqueeze(0)" if x.dim() == 3 else ""
+        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(x.shape)}{hint}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; attention needs a floating-point tensor "
+                        "(float16, bfloat16, float32 or float64): convert it with .to(torch.bfloat16) or similar")
+
+
+def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)") -> None:
+    """q: (b, sq, h, d); k, v: (b, sk, hk, d), flash_attn layout."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, layout)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
+                        "convert them to the same dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}; "
+                         "move them with .to(device)")
+    b, sq, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q has {b}, k has {k.shape[0]}, v has {v.shape[0]}; "
+                         "they must be equal")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same seqlen, got k {k.shape[1]} and v {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads, got k {k.shape[2]} and v {v.shape[2]}")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"headdim differs: q has {d}, k has {k.shape[3]}, v has {v.shape[3]}; "
+                         "q, k and v must share one head dimension")
+    if not (MIN_HEADDIM <= d <= MAX_HEADDIM):
+        raise ValueError(f"headdim must be between {MIN_HEADDIM} and {MAX_HEADDIM}, got {d}; "
+                         "split larger heads or pad smaller ones with zeros")
+    hk = k.shape[2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"nheads of q ({h}) must be a multiple of nheads of k/v ({hk}) "
+                         "(multi-query / grouped-query attention); choose head counts that divide")
+    if any(x.stride(-1) != 1 for x in (q, k, v) if x.numel() > 0):
+        raise ValueError("the last dimension (headdim) of q, k and v must be contiguous (stride 1); "
+                         "call .contiguous() on the input whose stride(-1) != 1")
+
+
+def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> float:
+    """Validates the options; returns the softmax scale to use."""
+    if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: dropout inside attention is not implemented yet; "
+                                  "use dropout_p=0.0 (apply dropout outside attention if you need it)")
+    if softmax_scale is None:
+        softmax_scale = masks.default_scale(q.shape[-1])
+    elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
+            or any(w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unlimited), "
+                         f"got {window_size!r}")
+    if not isinstance(softcap, numbers.Real) or softcap < 0:
+        raise ValueError(f"softcap must be a number >= 0 (0 disables it), got {softcap!r}")
+    if alibi_slopes is not None:
+        b, _, h, _ = q.shape
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a tensor of shape ({h},) or ({b}, {h}), "
+                            f"got {type(alibi_slopes).__name__}")
+        if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            raise ValueError(f"alibi_slopes must have shape (nheads,)=({h},) or (batch, nheads)=({b}, {h}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}; move it")
+    return float(softmax_scale)
+
+
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """Checked inputs in the flash_attn layout -> (out, lse)."""
+    _check_qkv(q, k, v)
+    scale = _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    left, right = masks.window_bounds(bool(causal), window_size)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float()
+    return ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, choose_backend(q))
+
+
+def _result(out, lse, return_attn_probs):
+    # flash_attn returns (out, softmax_lse, S_dmask); the probabilities are never materialized here.
+    return (out, lse, None) if return_attn_probs else out
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attn-compatible API
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile.
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim)
+        k: (batch, seqlen_k, nheads_k, headdim)
+        v: (batch, seqlen_k, nheads_k, headdim)
+            nheads must be a multiple of nheads_k (MQA/GQA: query head i uses key/value head
+            i // (nheads // nheads_k)). headdim between 8 and 256. Only the last dim need be contiguous.
+        dropout_p: float. Must be 0.0 for now (NotImplementedError otherwise).
+        softmax_scale: float. Default 1 / sqrt(headdim).
+        causal: bool. Causal mask aligned to the bottom-right corner of the score matrix, as in
+            flash_attn >= 2.1. With seqlen_q = 2 and seqlen_k = 5 (1 = keep, 0 = masked):
+                1 1 1 1 0
+                1 1 1 1 1
+            With seqlen_q = 5 and seqlen_k = 2:
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+            Rows that see no key output 0 (and lse = -inf).
+        window_size: (left, right). If not (-1, -1), sliding-window (local) attention: query i sees
+            keys j with i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right.
+            -1 = unlimited on that side. With causal=True the right side is 0.
+        softcap: float. > 0 applies softcap · tanh(score / softcap) before the softmax.
+        alibi_slopes: (nheads,) or (batch, nheads), fp32. Adds -slope · |i + seqlen_k - seqlen_q - j|.
+        deterministic: bool. Accepted for compatibility; every backward here is deterministic.
+        return_attn_probs: bool. If True, also return the log-sum-exp (and None in place of the
+            attention probabilities, which are never materialized).
+    Return:
+        out: (batch, seqlen_q, nheads, headdim), dtype of q.
+        softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
+            softmax denominator of each row (scaled scores).
+        S_dmask [if return_attn_probs]: None.
+    """
+    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    return _result(out, lse, return_attn_probs)
+
+
+def _check_packed(name: str, x, n: int, layout: str):
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != n:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape {layout}, got {shape}")
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Self-attention with q, k, v packed in one tensor.
+
+    qkv: (batch, seqlen, 3, nheads, headdim). Other arguments and the return as in flash_attn_func.
+    The gradient flows back into qkv without a copy of the inputs.
+    """
+    _check_packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention with k and v packed in one tensor.
+
+    q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim).
+    Other arguments and the return as in flash_attn_func.
+    """
+    _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch-style API
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention (same layout and arguments).
+
+    query: (batch, nheads, seqlen_q, headdim); key, value: (batch, nheads_k, seqlen_k, headdim).
+    nheads_k may differ from nheads only with enable_gqa=True, as in torch.
+    attn_mask: must be None for now (NotImplementedError): an arbitrary dense mask would bring back
+        the seqlen² memory this library avoids.
+    is_causal: torch's causal mask is aligned to the top-left corner; it equals flashattn's
+        bottom-right one when seqlen_q == seqlen_k. With seqlen_q != seqlen_k it raises
+        NotImplementedError: use flash_attn_func(causal=True) for the bottom-right convention.
+    Returns (batch, nheads, seqlen_q, headdim) in the dtype of query.
+    """
+    layout = "(batch, nheads, seqlen, headdim)"
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, x, layout)
+    if attn_mask is not None:
+        raise NotImplementedError("attn_mask is not supported: a dense mask would materialize seqlen² elements; "
+                                  "use is_causal=True, or flash_attn_func with causal/window_size")
+    if is_causal and query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            f"is_causal=True with seqlen_q={query.shape[2]} != seqlen_k={key.shape[2]}: torch aligns this mask "
+            "top-left, flashattn bottom-right; call flash_attn_func(causal=True) if bottom-right is what you want")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}; "
+                         "pass enable_gqa=True for grouped-query attention")
+    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          dropout_p=dropout_p, softmax_scale=scale, causal=is_causal)
+    return out.transpose(1, 2)

@@ -1,0 +1,102 @@
+"""The one definition of "may query i see key j", and of the score modifiers.
+
+Every backend follows these rules: the reference and the PyTorch path call these functions; the
+Triton kernels re-state the same two inequalities in `tl` code (they cannot call Python) and are
+tested against the reference, which uses this module.
+
+Geometry (flash_attn's convention). Query i of a sequence of ``seqlen_q`` queries sits on the
+*diagonal* key ``diag(i) = i + seqlen_k - seqlen_q``: the causal mask is aligned to the
+bottom-right corner of the (seqlen_q, seqlen_k) score matrix. A window ``(left, right)`` lets query
+i see the keys j with ``diag(i) - left <= j <= diag(i) + right``; ``-1`` means unlimited on that
+side. Causal attention is the window ``(left, 0)``::
+
+    causal, seqlen_q = 2, seqlen_k = 5      causal, seqlen_q = 5, seqlen_k = 2
+        1 1 1 1 0                               0 0     <- rows that see no key
+        1 1 1 1 1                               0 0        return 0 and lse = -inf
+                                                0 0
+                                                1 0
+                                                1 1
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+UNLIMITED = -1
+
+
+def window_bounds(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]:
+    """(left, right) after folding ``causal`` in: causal forces right = 0, as flash_attn does."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    return left, right
+
+
+def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int) -> torch.Tensor:
+    """Boolean tensor: may query ``q_idx`` see key ``k_idx``? Indices broadcast against each other.
+
+    q_idx, k_idx: integer tensors of positions within the sequence (e.g. shapes (M, 1) and (1, N)).
+    """
+    diag = q_idx + (seqlen_k - seqlen_q)
+    ok = (k_idx >= 0) & (k_idx < seqlen_k)
+    if left >= 0:
+        ok = ok & (k_idx >= diag - left)
+    if right >= 0:
+        ok = ok & (k_idx <= diag + right)
+    return ok
+
+
+def mask_matrix(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None) -> torch.Tensor:
+    """(seqlen_q, seqlen_k) boolean matrix of `visible`."""
+    qi = torch.arange(seqlen_q, device=device)[:, None]
+    kj = torch.arange(seqlen_k, device=device)[None, :]
+    return visible(qi, kj, seqlen_q, seqlen_k, left, right)
+
+
+def key_range(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Tuple[int, int]:
+    """Half-open range [k_lo, k_hi) of keys that some query in [q_lo, q_hi) may see.
+
+    Blocks of keys outside it are skipped without being loaded. Empty when k_lo >= k_hi.
+    """
+    off = seqlen_k - seqlen_q
+    k_lo = 0 if left < 0 else max(0, q_lo + off - left)
+    k_hi = seqlen_k if right < 0 else min(seqlen_k, q_hi - 1 + off + right + 1)
+    return k_lo, max(k_lo, k_hi)
+
+
+def query_range(k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Tuple[int, int]:
+    """Half-open range [q_lo, q_hi) of queries that may see some key in [k_lo, k_hi) (backward pass)."""
+    off = seqlen_k - seqlen_q
+    # key j is seen by query i iff  j - off - right <= i <= j - off + left
+    q_lo = 0 if right < 0 else max(0, k_lo - off - right)
+    q_hi = seqlen_q if left < 0 else min(seqlen_q, k_hi - 1 - off + left + 1)
+    return q_lo, max(q_lo, q_hi)
+
+
+def block_is_full(q_lo: int, q_hi: int, k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int,
+                  left: int, right: int) -> bool:
+    """True when every query of [q_lo, q_hi) sees every key of [k_lo, k_hi): no mask needed."""
+    off = seqlen_k - seqlen_q
+    ok_left = left < 0 or k_lo >= (q_hi - 1) + off - left   # the last query has the tightest left edge
+    ok_right = right < 0 or (k_hi - 1) <= q_lo + off + right  # the first query has the tightest right edge
+    return ok_left and ok_right and k_hi <= seqlen_k
+
+
+def alibi_bias(slopes: torch.Tensor, q_idx, k_idx, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """ALiBi bias ``-slope * |diag(i) - j|`` (flash_attn's definition), broadcast as slopes[..., None, None]."""
+    dist = (q_idx + (seqlen_k - seqlen_q) - k_idx).abs()
+    return -slopes[..., None, None] * dist
+
+
+def apply_softcap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma-2 style logit soft-capping ``softcap * tanh(s / softcap)``; 0 disables it."""
+    if softcap == 0.0:
+        return scores
+    return softcap * torch.tanh(scores / softcap)
+
+
+def default_scale(headdim: int) -> float:
+    return 1.0 / math.sqrt(headdim)

@@ -1,0 +1,60 @@
+"""The specification: naive O(N²) attention, materializing the full score matrix.
+
+Slow and memory-hungry on purpose: it is what every fast path is tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import masks
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scale) v, the plain way.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
+    nheads % nheads_k == 0 (query head h uses key/value head h // (nheads // nheads_k)).
+    alibi_slopes: (nheads,) or (batch, nheads).
+    compute_dtype: float64 (the oracle), float32, or None to compute in the inputs' own dtype (the
+    "same naive math in the input dtype" of the tolerance rule).
+    Returns out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), both in the
+    compute dtype; lse is the natural log-sum-exp of the scaled scores. Rows that see no key give
+    out = 0 and lse = -inf. Differentiable with autograd (gradients of the oracle).
+    """
+    dt = compute_dtype or q.dtype
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = masks.default_scale(d) if softmax_scale is None else softmax_scale
+    qh = q.to(dt).transpose(1, 2)                                          # (b, h, sq, d)
+    kh = k.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)         # (b, h, sk, d)
+    vh = v.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale                     # (b, h, sq, sk)
+    s = masks.apply_softcap(s, softcap)
+    qi = torch.arange(sq, device=q.device)[:, None]
+    kj = torch.arange(sk, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dt)
+        slopes = slopes[None] if slopes.dim() == 1 else slopes             # (1 or b, h)
+        s = s + masks.alibi_bias(slopes, qi, kj, sq, sk)
+    left, right = masks.window_bounds(causal, window_size)
+    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)                # empty rows: exp(-inf - 0) = 0
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    out = torch.matmul(p, vh).transpose(1, 2)                              # (b, sq, h, d)
+    lse = (m + torch.log(l)).squeeze(-1)                                   # log 0 = -inf for empty rows
+    return out, lse
