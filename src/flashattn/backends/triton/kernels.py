@@ -1,0 +1,450 @@
+"""FlashAttention-2 in Triton: `_attn_fwd`, `_attn_bwd_preprocess`, `_attn_bwd_dkdv`, `_attn_bwd_dq`.
+
+Layout (batch, seqlen, nheads, headdim) with arbitrary strides except a contiguous last dim; lse and
+delta are (batch, nheads, seqlen_q) float32. Scores live in the exp2 domain: s2 = s · log2(e), so the
+softmax uses exp2 and the scale is folded into one multiply. Batch/head offsets and row offsets
+of whole blocks are int64 so tensors past 2³¹ elements index correctly.
+
+The visibility rule is flashattn.masks' (query i sees key j iff diag(i) - left <= j <= diag(i) + right
+with diag(i) = i + seqlen_k - seqlen_q; -1 = unlimited), re-stated in `_visible` and in the block
+ranges below; the tests hold the kernels to the reference that uses masks.py. Each loop over blocks
+runs in three phases: boundary blocks that need the mask, then blocks every row sees fully (no mask,
+no bounds checks), then boundary blocks again; blocks no row can see are never loaded.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634   # 1/ln(2): exp(x) = exp2(x · LOG2E)
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _cdiv_floor(a, b):
+    # floor division that is right for negative a (Triton's // truncates toward zero)
+    return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
+
+
+@triton.jit
+def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """masks.visible in tl: q_idx, k_idx broadcast to a (rows, cols) tile."""
+    diag = q_idx + (seqlen_k - seqlen_q)
+    ok = (k_idx < seqlen_k) & (q_idx < seqlen_q)
+    if HAS_LEFT:
+        ok = ok & (k_idx >= diag - left)
+    if HAS_RIGHT:
+        ok = ok & (k_idx <= diag + right)
+    return ok
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _scores(qk, q_idx, k_idx, seqlen_q, seqlen_k, sm_scale, softcap, slope,
+            SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scores in the exp2 domain from raw dot products qk; also tanh(.) of the cap for the backward."""
+    if SOFTCAP:
+        t = _tanh(qk * (sm_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk
+        s = qk * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        dist = q_idx + (seqlen_k - seqlen_q) - k_idx
+        dist = tl.where(dist < 0, -dist, dist)
+        s = s - (slope * 1.4426950408889634) * dist.to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key-block bounds for queries [start_m, start_m + BLOCK_M): lo <= full_lo <= full_hi <= hi, all
+    multiples of BLOCK_N except hi. [lo, hi) holds every key some row may see (masks.key_range);
+    [full_lo, full_hi) the blocks every row sees whole (masks.block_is_full)."""
+    off = seqlen_k - seqlen_q
+    end_m = tl.minimum(start_m + BLOCK_M, seqlen_q)
+    zero = start_m * 0   # keep every bound a tensor, even when the seqlens are specialized constants
+    lo = zero
+    hi = zero + seqlen_k
+    full_lo = zero
+    # rows past seqlen_q are harmless (never stored); keys past seqlen_k must be masked
+    full_hi = zero + (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = tl.maximum(start_m + off - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        # the last row has the tightest left edge
+        full_lo = tl.cdiv(tl.maximum(end_m - 1 + off - left, 0), BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(end_m - 1 + off + right + 1, seqlen_k)
+        hi = tl.maximum(hi, 0)
+        # the first row has the tightest right edge
+        full_hi = tl.minimum(full_hi, _cdiv_floor(start_m + off + right + 1, BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query-block bounds for keys [start_n, start_n + BLOCK_N), the mirror of _kv_blocks
+    (masks.query_range): key j is seen by rows diag⁻¹(j) - right <= i <= diag⁻¹(j) + left."""
+    off = seqlen_k - seqlen_q
+    end_n = tl.minimum(start_n + BLOCK_N, seqlen_k)
+    zero = start_n * 0
+    lo = zero
+    hi = zero + seqlen_q
+    full_lo = zero
+    # keys past seqlen_k only produce rows of dK/dV that are never stored; rows past seqlen_q must be masked
+    full_hi = zero + (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        lo = tl.maximum(start_n - off - right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(end_n - 1 - off - right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(end_n - 1 - off + left + 1, seqlen_q)
+        hi = tl.maximum(hi, 0)
+        full_hi = tl.minimum(full_hi, _cdiv_floor(start_n - off + left + 1, BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
+                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                    MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr):
+    """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
+    k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASK:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        else:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kT)
+        s, _ = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                       SOFTCAP, HAS_ALIBI)
+        # -- update m_i: rows that have seen only masked keys keep m = -inf; shift them by 0 instead
+        if MASK:
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        # -- rescale l_i and acc to the new max, add this block
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Alibi,
+              stride_qb, stride_qm, stride_qh,
+              stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh,
+              stride_ob, stride_om, stride_oh,
+              stride_ab,
+              nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+              seq_bucket, gpu_key,   # unused in the body: autotuning keys
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // nheads).to(tl.int64)
+    off_h = off_bh % nheads
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows_ok = offs_m < seqlen_q
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
+    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
+                mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b * stride_ab + off_h)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+    # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, full_lo, full_hi, offs_m, offs_n, offs_d,
+                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                                    slope, False, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                    HAS_ALIBI)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, lo, full_lo, offs_m, offs_n, offs_d,
+                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                                    slope, True, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                    HAS_ALIBI)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, full_hi, hi, offs_m, offs_n, offs_d,
+                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                                    slope, True, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                    HAS_ALIBI)
+    # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=rows_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=rows_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DO, Delta,
+                         stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+                         nheads, seqlen_q,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ = rowsum(dO ∘ O), (batch, nheads, seqlen_q) float32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // nheads).to(tl.int64)
+    off_h = (off_bh % nheads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
+                         stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                         MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
+
+    Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
+    """
+    qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        if MASK:
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & (rows[None, :] < seqlen_q), other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :] & (rows[:, None] < seqlen_q), other=0.0)
+            lse2 = tl.load(Lse + rows, mask=rows < seqlen_q, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse2 = tl.load(Lse + rows)
+            delta = tl.load(Delta + rows)
+        # rows that saw no key (lse = -inf): +inf makes their P exactly 0
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2) * 1.4426950408889634
+        qkT = tl.dot(k, qT)
+        sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                         SOFTCAP, HAS_ALIBI)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK:
+            ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(ok, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        # dP = dO Vᵀ, dS = P ∘ (dP − Δ)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+        qT_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi,
+                   stride_qb, stride_qm, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_dom, stride_doh,
+                   stride_dkb, stride_dkn, stride_dkh,
+                   stride_dvb, stride_dvn, stride_dvh,
+                   stride_ab,
+                   nheads_k, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                   seq_bucket, gpu_key,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
+    heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    off_b = (off_bhk // nheads_k).to(tl.int64)
+    off_hk = (off_bhk % nheads_k).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    row_off = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + row_off * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + row_off * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
+                                         HAS_LEFT, HAS_RIGHT)
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        Q_bh = Q + off_b * stride_qb + off_h * stride_qh
+        DO_bh = DO + off_b * stride_dob + off_h * stride_doh
+        Lse_bh = Lse + (off_b * nheads_k * GROUP + off_h) * seqlen_q
+        Delta_bh = Delta + (off_b * nheads_k * GROUP + off_h) * seqlen_q
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + off_b * stride_ab + off_h)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, full_lo, full_hi, offs_n,
+                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
+                                      sm_scale, softcap, slope, False, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
+                                      SOFTCAP, HAS_ALIBI)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, lo, full_lo, offs_n,
+                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
+                                      sm_scale, softcap, slope, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
+                                      SOFTCAP, HAS_ALIBI)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, full_hi, hi, offs_n,
+                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
+                                      sm_scale, softcap, slope, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
+                                      SOFTCAP, HAS_ALIBI)
+    dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + row_off * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
+                       stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                       MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end)."""
+    kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+    vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASK:
+            kv_mask = d_ok[:, None] & (cols[None, :] < seqlen_k)
+        else:
+            kv_mask = d_ok[:, None]
+        kT = tl.load(kT_ptrs, mask=kv_mask, other=0.0)
+        vT = tl.load(vT_ptrs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, kT)
+        s, t = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, sm_scale, softcap, slope,
+                       SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        kT_ptrs += BLOCK_N * stride_kn
+        vT_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi,
+                 stride_qb, stride_qm, stride_qh,
+                 stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh,
+                 stride_dob, stride_dom, stride_doh,
+                 stride_dqb, stride_dqm, stride_dqh,
+                 stride_ab,
+                 nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                 seq_bucket, gpu_key,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
+    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // nheads).to(tl.int64)
+    off_h = off_bh % nheads
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < seqlen_q
+    mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_off = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row_off * stride_qm + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row_off * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=rows_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=rows_ok, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b * stride_ab + off_h)
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, full_lo, full_hi, offs_m, offs_n, offs_d,
+                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                            False, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, lo, full_lo, offs_m, offs_n, offs_d,
+                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                            True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, full_hi, hi, offs_m, offs_n, offs_d,
+                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                            True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask)
