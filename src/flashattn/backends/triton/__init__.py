@@ -98,15 +98,19 @@ _tuned = {
 _plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 
 
+# kernel name -> config dict: pins a config (benchmark sweeps and experiments), bypassing autotuning
+pinned_configs: dict = {}
+
+
 def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta):
     """Run `kernel` with autotuning, or with the default config when autotuning is off."""
     block_d = meta["BLOCK_D"]
-    if _autotune_enabled():
+    if kernel not in pinned_configs and _autotune_enabled():
         fn = _tuned[kernel]
         grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
         fn[grid](*args, **meta)
     else:
-        cfg = _default(kernel, block_d)
+        cfg = pinned_configs.get(kernel) or _default(kernel, block_d)
         block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
         _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
 
