@@ -169,7 +169,8 @@ def _line(file, label: str, value, note: str = "", indent: int = 6, width: int =
         print(" " * (indent + _width(label) + len(pad)) + r, file=file)
 
 
-def print_split_softmax(ex: dict, file=sys.stdout) -> None:
+def print_split_softmax(ex: dict, file=None) -> None:
+    file = file or sys.stdout   # looked up at call time, so redirections of sys.stdout apply
     print("(a) softmax of [1, 2, 3, 4] in two blocks, merged afterwards (seed 001 §2.2)", file=file)
     for i, b in enumerate(ex["blocks"], start=1):
         print(f"  block {i}: x{i} = {fmt(b['x'])}", file=file)
@@ -187,7 +188,8 @@ def print_split_softmax(ex: dict, file=sys.stdout) -> None:
     _line(file, "max |merged - torch|", f"{ex['max_diff']:.1e}")
 
 
-def print_worked_example(ex: WorkedExample, file=sys.stdout) -> None:
+def print_worked_example(ex: WorkedExample, file=None) -> None:
+    file = file or sys.stdout
     print("(b) attention, n = 4, d = 2, Br = Bc = 2, scale = 1, no 1/sqrt(d) (seed 000 §4.3)", file=file)
     for name, m in (("Q", ex.q), ("K", ex.k), ("V", ex.v)):
         _line(file, f"{name} =", m, indent=2, width=4)
@@ -221,8 +223,9 @@ def print_worked_example(ex: WorkedExample, file=sys.stdout) -> None:
     _line(file, "max |O - naive|", f"{ex.max_err:.1e}", indent=4)
 
 
-def run(file=sys.stdout) -> int:
-    """Print both examples."""
+def run(file=None) -> int:
+    """Print both examples to file (default sys.stdout); 0."""
+    file = file or sys.stdout
     print_split_softmax(split_softmax_example(), file=file)
     print(file=file)
     print_worked_example(worked_example(), file=file)
