@@ -1,0 +1,185 @@
+"""The Triton kernels against the float64 reference.
+
+Two tiers run the same kernels:
+- CPU (every run, CI): Triton's interpreter (TRITON_INTERPRET=1, set below before the kernels are
+  imported) on tiny shapes in float16 (the interpreter's bf16 dot is broken in triton 3.6);
+- GPU (`pytest -m gpu` on a machine with an NVIDIA GPU): the foundation grid in bf16 and fp16, large
+  shapes, determinism, unwritten-output detection, torch.compile and opcheck.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the import of the kernels
+
+triton = pytest.importorskip("triton")
+
+from helpers import make_qkv, run_and_compare  # noqa: E402
+
+from flashattn import flash_attn_func, flash_attn_qkvpacked_func  # noqa: E402
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FLASHATTN_BACKEND", "triton")
+    monkeypatch.setenv("FLASHATTN_AUTOTUNE", "0")   # tests check correctness; one config per shape
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU tier: the interpreter
+
+interp = pytest.mark.skipif(ON_GPU or os.environ.get("TRITON_INTERPRET") != "1",
+                            reason="interpreter tier runs on machines without a GPU")
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window, softcap, alibi)
+INTERP_CASES = {
+    "s1-d16": (1, 1, 1, 2, 2, 16, False, (-1, -1), 0.0, False),
+    "s17-d40-causal-mqa": (2, 17, 17, 2, 1, 40, True, (-1, -1), 0.0, False),
+    "s97-d64-causal-gqa": (1, 97, 97, 4, 2, 64, True, (-1, -1), 0.0, False),
+    "s130-d16": (1, 130, 130, 2, 2, 16, False, (-1, -1), 0.0, False),
+    "q17-k130-causal": (1, 17, 130, 2, 1, 16, True, (-1, -1), 0.0, False),
+    "q130-k17-causal-empty-rows": (1, 130, 17, 2, 2, 16, True, (-1, -1), 0.0, False),
+    "q97-k40-d40": (2, 97, 40, 2, 2, 40, False, (-1, -1), 0.0, False),
+    "window-7-3": (1, 60, 70, 2, 1, 32, False, (7, 3), 0.0, False),
+    "causal-window-5": (1, 50, 50, 2, 2, 16, True, (5, -1), 0.0, False),
+    "softcap-alibi": (2, 40, 40, 2, 2, 16, False, (-1, -1), 5.0, True),
+    "causal-alibi-gqa": (1, 33, 48, 4, 2, 16, True, (-1, -1), 0.0, True),
+}
+
+
+@interp
+@pytest.mark.parametrize("case", list(INTERP_CASES), ids=list(INTERP_CASES))
+def test_interpreter_fwd_bwd(case, triton_backend):
+    b, sq, sk, h, hk, d, causal, window, softcap, alibi = INTERP_CASES[case]
+    q, k, v = make_qkv(b, sq, sk, h, hk, d, torch.float16, seed=zlib.crc32(case.encode()) % 1000)
+    slopes = torch.rand(h) * 0.5 if alibi else None
+    run_and_compare(flash_attn_func, q, k, v, causal=causal, window_size=window, softcap=softcap,
+                    alibi_slopes=slopes, name=case)
+
+
+@interp
+def test_interpreter_strided_packed_qkv(triton_backend):
+    """Slices of a packed qkv: only the last dim is contiguous; gradients land in the packed tensor."""
+    qkv = torch.randn(2, 37, 3, 2, 16, dtype=torch.float16)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    run_and_compare(flash_attn_func, q, k, v, causal=True, name="packed")
+    qkv.requires_grad_()
+    flash_attn_qkvpacked_func(qkv, causal=True).sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+
+
+@interp
+def test_interpreter_backward_is_deterministic(triton_backend):
+    q, k, v = make_qkv(1, 40, 40, 4, 2, 16, torch.float16, requires_grad=True, seed=3)
+    out = flash_attn_func(q, k, v, causal=True)
+    do = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    g2 = torch.autograd.grad(out, (q, k, v), do)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@interp
+def test_interpreter_opcheck(triton_backend):
+    q, k, v = make_qkv(1, 20, 20, 2, 1, 16, torch.float16, requires_grad=True, seed=5)
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.25, -1, 0, 0.0, None, "triton"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU tier
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+
+
+def _poison_cuda_cache():
+    """Fill freed cached memory with NaN: outputs allocated next from the cache show unwritten elements."""
+    free = torch.cuda.mem_get_info()[0]
+    x = torch.full((min(free // 4, 2**30) // 4,), float("nan"), device="cuda")
+    del x
+
+
+GPU_CASES = []
+for s in (1, 17, 97, 128, 257):
+    for d in (8, 40, 64, 96, 128, 256):
+        GPU_CASES.append((2, s, s, 4, 2, d, True, (-1, -1)))
+for sq, sk in ((1, 300), (300, 1), (113, 1025), (1025, 113)):
+    for causal in (False, True):
+        GPU_CASES.append((2, sq, sk, 6, 2, 64, causal, (-1, -1)))
+GPU_CASES += [
+    (2, 257, 257, 4, 4, 128, False, (-1, -1)),       # MHA
+    (2, 257, 257, 8, 1, 128, False, (-1, -1)),       # MQA
+    (2, 500, 500, 4, 2, 64, False, (64, 16)),         # window
+    (2, 500, 600, 4, 2, 128, True, (100, -1)),        # causal + window
+    (1, 8192, 8192, 2, 1, 128, True, (-1, -1)),       # large
+    (1, 8192, 8192, 2, 2, 256, False, (-1, -1)),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}-w{}".format(
+    *c[:6], "causal" if c[6] else "full", c[7]))
+def test_gpu_fwd_bwd(case, dtype, triton_backend):
+    b, sq, sk, h, hk, d, causal, window = case
+    q, k, v = make_qkv(b, sq, sk, h, hk, d, dtype, device="cuda", seed=sq * 7 + d)
+    _poison_cuda_cache()
+    run_and_compare(flash_attn_func, q, k, v, causal=causal, window_size=window)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("softcap,alibi", [(30.0, False), (0.0, True), (10.0, True)])
+def test_gpu_softcap_alibi(softcap, alibi, triton_backend):
+    q, k, v = make_qkv(2, 300, 333, 4, 2, 64, torch.bfloat16, device="cuda", seed=11)
+    slopes = torch.rand(2, 4, device="cuda") if alibi else None
+    run_and_compare(flash_attn_func, q, k, v, causal=True, softcap=softcap, alibi_slopes=slopes)
+
+
+@gpu
+@needs_cuda
+def test_gpu_deterministic_and_strided(triton_backend):
+    qkv = torch.randn(2, 1000, 3, 8, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i].detach().requires_grad_() for i in range(3))
+    run_and_compare(flash_attn_func, q, k, v, causal=True)
+    out = flash_attn_func(q, k, v, causal=True)
+    do = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    g2 = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+@gpu
+@needs_cuda
+def test_gpu_int64_offsets(triton_backend):
+    """batch·seqlen·nheads·headdim > 2³¹: offsets must be 64-bit. Checks the last batch's rows."""
+    b, s, h, d = 2, 1 << 17, 64, 128   # 2 · 131072 · 64 · 128 = 2.1e9 elements per tensor
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = flash_attn_func(q, k, v, window_size=(63, 0))
+    from flashattn import attention_ref
+    tail = slice(s - 256, s)   # rows from 63 on see only keys inside the tail
+    ref, _ = attention_ref(q[1:, tail], k[1:, tail], v[1:, tail], window_size=(63, 0))
+    assert (out[1:, tail][:, 63:].double() - ref[:, 63:]).abs().max().item() < 2e-2
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_and_opcheck(triton_backend):
+    q, k, v = make_qkv(2, 128, 128, 4, 2, 64, torch.bfloat16, device="cuda", requires_grad=True, seed=1)
+
+    def f(q, k, v):
+        return flash_attn_func(q, k, v, causal=True).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    a, b = compiled(q, k, v), f(q, k, v)
+    assert torch.allclose(a, b, rtol=1e-3)
+    ga = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    gb = torch.autograd.grad(f(q, k, v), (q, k, v))
+    assert all(torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2) for x, y in zip(ga, gb))
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.125, -1, 0, 0.0, None, "triton"))
