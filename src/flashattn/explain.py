@@ -111,15 +111,15 @@ class WorkedExample:
 
 
 def worked_example(q=Q_EXAMPLE, k=K_EXAMPLE, v=V_EXAMPLE, block: int = 2, scale: float = 1.0) -> WorkedExample:
-    """Seed 000 §4.3 run through `online_softmax_step`: q, k, v (n, d), blocks of `block` rows."""
+    """Seed 000 §4.3 run through `online_softmax_step`: q (n, d), k and v (n_k, d), blocks of `block` rows."""
     q, k, v = (torch.as_tensor(x, dtype=_F64) for x in (q, k, v))
-    n, d = q.shape
+    d = q.shape[1]
     steps, outs, lses = [], [], []
-    for i, q0 in enumerate(range(0, n, block), start=1):
+    for i, q0 in enumerate(range(0, q.shape[0], block), start=1):
         qi = q[q0:q0 + block]
         state = init_state((qi.shape[0],), d, q.device, _F64)
         o = torch.zeros_like(qi)
-        for j, k0 in enumerate(range(0, n, block), start=1):
+        for j, k0 in enumerate(range(0, k.shape[0], block), start=1):
             s = qi @ k[k0:k0 + block].T * scale
             step = online_softmax_step(state, s, v[k0:k0 + block])
             new, alpha = step.state, step.alpha
