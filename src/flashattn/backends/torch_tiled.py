@@ -48,16 +48,22 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
-def online_softmax_step(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor) -> Step:
-    """The online-softmax update for one block of scores s (..., Bq, Bk) and values v (..., Bk, d)."""
+def online_softmax_step(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor,
+                        overwrite_scores: bool = False) -> Step:
+    """The online-softmax update for one block of scores s (..., Bq, Bk) and values v (..., Bk, d).
+
+    overwrite_scores=True turns s into p in place (one pass less over the tile; the loops use it).
+    """
     # -- update m: the new running max
     m_new = torch.maximum(state.m, s.amax(dim=-1))
     m_safe = _finite_or_zero(m_new)
     # -- rescale what was accumulated under the old max, add this block
     alpha = torch.exp(state.m - m_safe)
-    p = torch.exp(s - m_safe[..., None])
+    p = s if overwrite_scores else s.clone()
+    p = p.sub_(m_safe[..., None]).exp_()
     l = state.l * alpha + p.sum(dim=-1)
-    acc = state.acc * alpha[..., None] + torch.matmul(p, v)
+    acc = state.acc * alpha[..., None]
+    acc += torch.matmul(p, v)
     return Step(SoftmaxState(m_new, l, acc), alpha, p)
 
 
@@ -86,42 +92,52 @@ def _geometry(q, k, window_left, window_right) -> _Geometry:
     return _Geometry(b, sq, sk, hk, h // hk, d, window_left, window_right)
 
 
-def _split_q(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """(b, s, h, d) -> (b, hk, g, s, d), a view whenever the strides allow."""
-    return x.reshape(geo.b, x.shape[1], geo.hk, geo.g, x.shape[-1]).permute(0, 2, 3, 1, 4)
+def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
+    """Rows [q0, q1) of a (b, s, h, d) tensor as float32 (b, hk, g·(q1-q0), d): the query heads that
+    share one key/value head are stacked as rows of one tile (GQA packing), head-major.
+    May be a view of x: never modify it in place."""
+    blk = x[:, q0:q1].float().reshape(geo.b, q1 - q0, geo.hk, geo.g, x.shape[-1])
+    return blk.permute(0, 2, 3, 1, 4).reshape(geo.b, geo.hk, geo.g * (q1 - q0), x.shape[-1])
 
 
-def _split_kv(x: torch.Tensor) -> torch.Tensor:
-    """(b, s, hk, d) -> (b, hk, 1, s, d) view."""
-    return x.permute(0, 2, 1, 3).unsqueeze(2)
+def _rows_to_heads(x: torch.Tensor, geo: _Geometry, n: int) -> torch.Tensor:
+    """(b, hk, g·n, ...) -> (b, n, h, ...): the inverse of _q_rows' packing."""
+    x = x.reshape(geo.b, geo.hk, geo.g, n, *x.shape[3:])
+    return x.permute(0, 3, 1, 2, *range(4, x.dim())).reshape(geo.b, n, geo.hk * geo.g, *x.shape[4:])
 
 
-def _merge_q(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """(b, hk, g, s, d) -> (b, s, h, d)."""
-    return x.permute(0, 3, 1, 2, 4).reshape(geo.b, x.shape[3], geo.hk * geo.g, x.shape[-1])
+def _kv(x: torch.Tensor) -> torch.Tensor:
+    """(b, sk, hk, d) -> contiguous float32 (b, hk, sk, d), once per call (O(seqlen · d) memory)."""
+    return x.float().transpose(1, 2).contiguous()
 
 
-def _alibi(alibi_slopes: Optional[torch.Tensor], geo: _Geometry) -> Optional[torch.Tensor]:
+def _row_slopes(alibi_slopes: Optional[torch.Tensor], geo: _Geometry) -> Optional[torch.Tensor]:
+    """ALiBi slopes as (b or 1, hk, g, 1): broadcast against a tile's (g, rows) layout."""
     if alibi_slopes is None:
         return None
     s = alibi_slopes.float()
     s = s[None] if s.dim() == 1 else s
-    return s.view(s.shape[0], geo.hk, geo.g)
+    return s.view(s.shape[0], geo.hk, geo.g, 1)
 
 
-def _scores(qb, kb, q0, q1, k0, k1, geo: _Geometry, scale, softcap, slopes):
-    """Scaled, capped, biased and masked scores of one tile; also tanh of the cap (for its derivative)."""
-    s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
+    """Capped, biased and masked scores of one tile from pre-scaled query rows qs (b, hk, g·bq, d).
+
+    Returns s (b, hk, g·bq, bk) and, with softcap, tanh of the cap (for its derivative).
+    """
+    s = torch.matmul(qs, kb.transpose(-1, -2))
     t = None
     if softcap != 0.0:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
-    qi = torch.arange(q0, q1, device=qb.device)[:, None]
-    kj = torch.arange(k0, k1, device=qb.device)[None, :]
-    if slopes is not None:
-        s = s + masks.alibi_bias(slopes, qi, kj, geo.sq, geo.sk)
+        t = torch.tanh(s.div_(softcap))
+        s = t * softcap
+    qi = torch.arange(q0, q1, device=qs.device)[:, None]
+    kj = torch.arange(k0, k1, device=qs.device)[None, :]
+    if slopes is not None:   # (b|1, hk, g, 1, 1) · (bq, bk) -> (b|1, hk, g·bq, bk)
+        bias = masks.alibi_bias(slopes.squeeze(-1), qi, kj, geo.sq, geo.sk)
+        s = s + bias.reshape(bias.shape[0], geo.hk, geo.g * (q1 - q0), k1 - k0)
     if not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
-        s = s.masked_fill(~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right), float("-inf"))
+        hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right)
+        s = s.masked_fill_(hidden.repeat(geo.g, 1), float("-inf"))
     return s, t
 
 
@@ -130,23 +146,23 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
             block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32."""
     geo = _geometry(q, k, window_left, window_right)
-    qh, kh, vh = _split_q(q, geo), _split_kv(k), _split_kv(v)
-    slopes = _alibi(alibi_slopes, geo)
-    out = torch.empty((geo.b, geo.hk, geo.g, geo.sq, geo.d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((geo.b, geo.hk, geo.g, geo.sq), device=q.device, dtype=torch.float32)
+    kh, vh = _kv(k), _kv(v)
+    slopes = _row_slopes(alibi_slopes, geo)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((geo.b, geo.sq, geo.hk * geo.g), device=q.device, dtype=torch.float32)
     for q0 in range(0, geo.sq, block_q):
         q1 = min(q0 + block_q, geo.sq)
-        qb = qh[..., q0:q1, :].float()
-        state = init_state((geo.b, geo.hk, geo.g, q1 - q0), geo.d, q.device)
+        qs = _q_rows(q, q0, q1, geo) * softmax_scale   # the scale folded into q (never in place: may be a view of q)
+        state = init_state(qs.shape[:-1], geo.d, q.device)
         k_lo, k_hi = masks.key_range(q0, q1, geo.sq, geo.sk, geo.left, geo.right)
         for k0 in range(k_lo, k_hi, block_k):   # blocks no query here can see are never touched
             k1 = min(k0 + block_k, k_hi)
-            s, _ = _scores(qb, kh[..., k0:k1, :].float(), q0, q1, k0, k1, geo, softmax_scale, softcap, slopes)
-            state = online_softmax_step(state, s, vh[..., k0:k1, :].float()).state
+            s, _ = _scores(qs, kh[:, :, k0:k1], q0, q1, k0, k1, geo, softcap, slopes)
+            state = online_softmax_step(state, s, vh[:, :, k0:k1], overwrite_scores=True).state
         o, l = finish(state)
-        out[..., q0:q1, :] = o
-        lse[..., q0:q1] = l
-    return _merge_q(out, geo), lse.reshape(geo.b, geo.hk * geo.g, geo.sq)
+        out[:, q0:q1] = _rows_to_heads(o, geo, q1 - q0)
+        lse[:, q0:q1] = _rows_to_heads(l, geo, q1 - q0)
+    return out, lse.transpose(1, 2).contiguous()
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
@@ -155,38 +171,36 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − Δ) with Δ = rowsum(dO ∘ O);  dQ = dS K · scale;  dK = dSᵀ Q · scale.
+    With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
     geo = _geometry(q, k, window_left, window_right)
-    qh, kh, vh = _split_q(q, geo), _split_kv(k), _split_kv(v)
-    doh = _split_q(dout, geo)
-    slopes = _alibi(alibi_slopes, geo)
-    lse_h = lse.reshape(geo.b, geo.hk, geo.g, geo.sq)
-    lse_h = _finite_or_zero(lse_h)   # rows with lse = -inf saw no key: their P is all zeros anyway
-    delta = (doh.float() * _split_q(out, geo).float()).sum(dim=-1)   # (b, hk, g, sq)
-    dq = torch.zeros((geo.b, geo.hk, geo.g, geo.sq, geo.d), device=q.device, dtype=torch.float32)
-    dk = torch.empty((geo.b, geo.sk, geo.hk, geo.d), device=q.device, dtype=k.dtype)
-    dv = torch.empty_like(dk, dtype=v.dtype)
-    for k0 in range(0, geo.sk, block_k):
-        k1 = min(k0 + block_k, geo.sk)
-        kb, vb = kh[..., k0:k1, :].float(), vh[..., k0:k1, :].float()
-        dk_acc = torch.zeros((geo.b, geo.hk, geo.g, k1 - k0, geo.d), device=q.device)
-        dv_acc = torch.zeros_like(dk_acc)
-        q_lo, q_hi = masks.query_range(k0, k1, geo.sq, geo.sk, geo.left, geo.right)
-        for q0 in range(q_lo, q_hi, block_q):
-            q1 = min(q0 + block_q, q_hi)
-            qb, dob = qh[..., q0:q1, :].float(), doh[..., q0:q1, :].float()
-            s, t = _scores(qb, kb, q0, q1, k0, k1, geo, softmax_scale, softcap, slopes)
-            p = torch.exp(s - lse_h[..., q0:q1, None])
-            dv_acc += torch.matmul(p.transpose(-1, -2), dob)
-            dp = torch.matmul(dob, vb.transpose(-1, -2))
-            ds = p * (dp - delta[..., q0:q1, None])
+    kh, vh = _kv(k), _kv(v)
+    slopes = _row_slopes(alibi_slopes, geo)
+    # per-row statistics in (b, s, h, 1) so that _q_rows packs them like q
+    lse_rows = _finite_or_zero(lse.transpose(1, 2))[..., None]   # rows with lse = -inf have P = 0 anyway
+    delta_rows = (dout.float() * out.float()).sum(dim=-1, keepdim=True)
+    dq = torch.empty((geo.b, geo.sq, geo.hk * geo.g, geo.d), device=q.device, dtype=q.dtype)
+    dk = torch.zeros((geo.b, geo.hk, geo.sk, geo.d), device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    for q0 in range(0, geo.sq, block_q):
+        q1 = min(q0 + block_q, geo.sq)
+        qb, dob = _q_rows(q, q0, q1, geo), _q_rows(dout, q0, q1, geo)
+        qs = qb * softmax_scale
+        lse_b, delta_b = _q_rows(lse_rows, q0, q1, geo), _q_rows(delta_rows, q0, q1, geo)
+        dq_acc = torch.zeros_like(qb)
+        k_lo, k_hi = masks.key_range(q0, q1, geo.sq, geo.sk, geo.left, geo.right)
+        for k0 in range(k_lo, k_hi, block_k):
+            k1 = min(k0 + block_k, k_hi)
+            kb, vb = kh[:, :, k0:k1], vh[:, :, k0:k1]
+            s, t = _scores(qs, kb, q0, q1, k0, k1, geo, softcap, slopes)
+            p = s.sub_(lse_b).exp_()
+            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
+            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)   # dS = P ∘ (dP − Δ)
             if t is not None:
-                ds = ds * (1.0 - t * t)   # d(softcap·tanh(x/softcap))/dx
-            ds = ds * softmax_scale
-            dq[..., q0:q1, :] += torch.matmul(ds, kb)
-            dk_acc += torch.matmul(ds.transpose(-1, -2), qb)
-        # the g query heads of a group share this key/value head: their gradients add up
-        dk[:, k0:k1] = dk_acc.sum(dim=2).permute(0, 2, 1, 3)
-        dv[:, k0:k1] = dv_acc.sum(dim=2).permute(0, 2, 1, 3)
-    return _merge_q(dq, geo).to(q.dtype), dk, dv
+                ds = ds.mul_(1.0 - t * t)   # d(softcap·tanh(x/softcap))/dx
+            dq_acc += torch.matmul(ds, kb)
+            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
+        dq[:, q0:q1] = _rows_to_heads(dq_acc.mul_(softmax_scale), geo, q1 - q0)
+    dk = dk.mul_(softmax_scale).transpose(1, 2).to(k.dtype)
+    return dq, dk, dv.transpose(1, 2).to(v.dtype)

@@ -75,6 +75,9 @@ def describe(device: str, argv: Optional[Sequence[str]] = None) -> dict:
         "torch": torch.__version__,
         "flashattn": getattr(flashattn, "__version__", None),
         "git": _git_revision(),
+        # settings that change what is measured
+        "env_vars": {k: os.environ[k] for k in ("FLASHATTN_BACKEND", "FLASHATTN_AUTOTUNE", "TRITON_INTERPRET",
+                                                 "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in os.environ},
     }
     try:
         import triton

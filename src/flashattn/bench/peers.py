@@ -90,14 +90,15 @@ def _causal_mask_mod(b, h, q_idx, kv_idx):
 
 
 def _flex(case: Case) -> AttnFn:
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     # A fresh compile per case: static shapes (as FlexAttention is normally used) and no risk of
     # hitting dynamo's recompile limit, past which it would silently fall back to the slow eager path.
     torch._dynamo.reset()
     # The backward is timed with retain_graph=True; AOTAutograd refuses that when it donates the
-    # saved buffers to the backward, so keep them.
-    import torch._functorch.config as functorch_config
+    # saved buffers to the backward, so keep them (this changes buffer reuse, not the kernels).
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)

@@ -222,6 +222,7 @@ def format_header(env: dict, ceilings: dict) -> List[str]:
         parts.append(env["dtype"])
     if env.get("flashattn_backend"):
         parts.append(f"flashattn backend: {env['flashattn_backend']}")
+    parts += [f"{k}={v}" for k, v in (env.get("env_vars") or {}).items() if k.startswith("FLASHATTN_")]
     lines.append("flashattn bench | " + " | ".join(parts))
     if env.get("flashattn_backend_warning"):
         lines.append("WARNING: " + env["flashattn_backend_warning"])
