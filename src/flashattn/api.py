@@ -4,6 +4,7 @@ Argument checks live here and nowhere else; `choose_backend` is the one dispatch
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Optional, Tuple
@@ -101,9 +102,10 @@ def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)") -> Non
     if hk == 0 or h % hk != 0:
         raise ValueError(f"nheads of q ({h}) must be a multiple of nheads of k/v ({hk}) "
                          "(multi-query / grouped-query attention); choose head counts that divide")
-    if any(x.stride(-1) != 1 for x in (q, k, v) if x.numel() > 0):
-        raise ValueError("the last dimension (headdim) of q, k and v must be contiguous (stride 1); "
-                         "call .contiguous() on the input whose stride(-1) != 1")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.numel() > 0 and x.stride(-1) != 1:
+            raise ValueError(f"the last dimension (headdim) of {name} must be contiguous (stride 1), got "
+                             f"{name}.stride() = {x.stride()}; call {name}.contiguous()")
 
 
 def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> float:
@@ -117,13 +119,15 @@ def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slop
         softmax_scale = masks.default_scale(q.shape[-1])
     elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    elif not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
             or any(w < -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unlimited), "
                          f"got {window_size!r}")
-    if not isinstance(softcap, numbers.Real) or softcap < 0:
-        raise ValueError(f"softcap must be a number >= 0 (0 disables it), got {softcap!r}")
+    if not isinstance(softcap, numbers.Real) or not (0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
     if alibi_slopes is not None:
         b, _, h, _ = q.shape
         if not isinstance(alibi_slopes, torch.Tensor):

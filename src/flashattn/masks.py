@@ -41,7 +41,7 @@ def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int) -
     q_idx, k_idx: integer tensors of positions within the sequence (e.g. shapes (M, 1) and (1, N)).
     """
     diag = q_idx + (seqlen_k - seqlen_q)
-    ok = (k_idx >= 0) & (k_idx < seqlen_k)
+    ok = (k_idx >= 0) & (k_idx < seqlen_k) & (q_idx >= 0) & (q_idx < seqlen_q)   # broadcast over both
     if left >= 0:
         ok = ok & (k_idx >= diag - left)
     if right >= 0:
@@ -100,3 +100,8 @@ def apply_softcap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
 
 def default_scale(headdim: int) -> float:
     return 1.0 / math.sqrt(headdim)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the returned log-sum-exp: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

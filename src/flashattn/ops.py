@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .masks import lse_dtype
+
 BACKENDS = ("triton", "torch", "reference")
 _MODULES = {"triton": "flashattn.backends.triton", "torch": "flashattn.backends.torch_tiled",
             "reference": "flashattn.backends.naive"}
@@ -24,19 +26,22 @@ def backend_module(name: str):
 @torch.library.custom_op("flashattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
         softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """q: (b, sq, h, d); k, v: (b, sk, hk, d) -> out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32."""
+    """q: (b, sq, h, d); k, v: (b, sk, hk, d) -> out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
+    (float64 for float64 inputs)."""
+    lse_shape, lse_dt = (q.shape[0], q.shape[2], q.shape[1]), lse_dtype(q.dtype)
     if q.shape[0] == 0 or q.shape[1] == 0:   # nothing to compute; kernels need not handle empty grids
-        return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dt)
     if k.shape[1] == 0:                      # no key at all: every row sees nothing
-        return q.new_zeros(q.shape), q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"),
-                                                dtype=torch.float32)
-    return backend_module(backend).forward(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes)
+        return q.new_zeros(q.shape), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
+    out, lse = backend_module(backend).forward(q, k, v, softmax_scale, window_left, window_right, softcap,
+                                               alibi_slopes)
+    return out.contiguous(), lse.contiguous()   # the layout the fake kernel promises (torch.compile checks it)
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, backend):
     b, sq, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashattn::bwd", mutates_args=())
@@ -45,15 +50,16 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (b, sq, h, d) and the saved out, lse."""
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     dq, dk, dv = backend_module(backend).backward(dout, q, k, v, out, lse, softmax_scale, window_left,
                                                   window_right, softcap, alibi_slopes)
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous whatever the inputs' strides (empty_like would copy a transposed input's strides)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -37,6 +37,8 @@ def attention_ref(
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     scale = masks.default_scale(d) if softmax_scale is None else softmax_scale
+    if sk == 0:   # no key at all (amax over an empty row would raise)
+        return (q.new_zeros((b, sq, h, v.shape[-1]), dtype=dt), q.new_full((b, h, sq), float("-inf"), dtype=dt))
     qh = q.to(dt).transpose(1, 2)                                          # (b, h, sq, d)
     kh = k.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)         # (b, h, sk, d)
     vh = v.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)

@@ -2,11 +2,12 @@
 
 Runs on any torch device; it is the fallback when no kernel applies. Work per step is one
 (block_q × block_k) tile for all (batch, head) pairs at once, so the peak extra memory is
-O(batch · heads · block_q · block_k), never O(seqlen²).
+O(batch · heads · block_q · block_k) (capped by TILE_BYTES), never O(seqlen²).
 
-Internally tensors are viewed (without copies) as (batch, nheads_k, group, seqlen, headdim) so that
-the `group = nheads // nheads_k` query heads sharing one key/value head broadcast against it (GQA).
-Blocks are computed in float32 whatever the input dtype.
+Query rows are packed per key/value head: the `group = nheads // nheads_k` query heads that share one
+key/value head form the rows of one (group · block_q, block_k) tile (GQA packing), so each key/value
+block is read once per group and dK, dV sum over the group inside the matmuls.
+Blocks are computed in float32 (float64 for float64 inputs, so the path stays exact enough for gradcheck).
 """
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import masks
+from ..masks import lse_dtype
 
 # Tile sizes. Large tiles amortize Python overhead on the CPU; memory stays O(block_q · block_k).
 BLOCK_Q = 256
 BLOCK_K = 512
+# Cap on one float32 score tile over all (batch, head) pairs: block_q shrinks for big batch · heads so
+# that the few tile-sized temporaries stay bounded (64 MiB each) instead of growing with batch · heads.
+TILE_BYTES = 64 * 2**20
+
+
+def _block_q(geo, block_q: Optional[int], block_k: int) -> int:
+    if block_q is not None:
+        return block_q
+    rows = TILE_BYTES // (4 * geo.b * geo.hk * geo.g * block_k)
+    return max(16, min(BLOCK_Q, rows))
 
 
 class SoftmaxState(NamedTuple):
@@ -76,6 +88,7 @@ def finish(state: SoftmaxState) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Geometry(NamedTuple):
+    ct: torch.dtype   # compute dtype
     b: int
     sq: int
     sk: int
@@ -89,14 +102,15 @@ class _Geometry(NamedTuple):
 def _geometry(q, k, window_left, window_right) -> _Geometry:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    return _Geometry(b, sq, sk, hk, h // hk, d, window_left, window_right)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right)
 
 
 def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
-    """Rows [q0, q1) of a (b, s, h, d) tensor as float32 (b, hk, g·(q1-q0), d): the query heads that
+    """Rows [q0, q1) of a (b, s, h, d) tensor in the compute dtype as (b, hk, g·(q1-q0), d): the query heads that
     share one key/value head are stacked as rows of one tile (GQA packing), head-major.
     May be a view of x: never modify it in place."""
-    blk = x[:, q0:q1].float().reshape(geo.b, q1 - q0, geo.hk, geo.g, x.shape[-1])
+    blk = x[:, q0:q1].to(geo.ct).reshape(geo.b, q1 - q0, geo.hk, geo.g, x.shape[-1])
     return blk.permute(0, 2, 3, 1, 4).reshape(geo.b, geo.hk, geo.g * (q1 - q0), x.shape[-1])
 
 
@@ -106,16 +120,16 @@ def _rows_to_heads(x: torch.Tensor, geo: _Geometry, n: int) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, *range(4, x.dim())).reshape(geo.b, n, geo.hk * geo.g, *x.shape[4:])
 
 
-def _kv(x: torch.Tensor) -> torch.Tensor:
-    """(b, sk, hk, d) -> contiguous float32 (b, hk, sk, d), once per call (O(seqlen · d) memory)."""
-    return x.float().transpose(1, 2).contiguous()
+def _kv(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """(b, sk, hk, d) -> contiguous (b, hk, sk, d) in the compute dtype, once per call (O(seqlen · d) memory)."""
+    return x.to(geo.ct).transpose(1, 2).contiguous()
 
 
 def _row_slopes(alibi_slopes: Optional[torch.Tensor], geo: _Geometry) -> Optional[torch.Tensor]:
     """ALiBi slopes as (b or 1, hk, g, 1): broadcast against a tile's (g, rows) layout."""
     if alibi_slopes is None:
         return None
-    s = alibi_slopes.float()
+    s = alibi_slopes.to(geo.ct)
     s = s[None] if s.dim() == 1 else s
     return s.view(s.shape[0], geo.hk, geo.g, 1)
 
@@ -143,17 +157,21 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
 
 def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: int = -1,
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-            block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32."""
+            block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
+    (float64 for float64 inputs).
+
+    block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
     geo = _geometry(q, k, window_left, window_right)
-    kh, vh = _kv(k), _kv(v)
+    block_q = _block_q(geo, block_q, block_k)
+    kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((geo.b, geo.sq, geo.hk * geo.g), device=q.device, dtype=torch.float32)
+    lse = torch.empty((geo.b, geo.sq, geo.hk * geo.g), device=q.device, dtype=lse_dtype(q.dtype))
     for q0 in range(0, geo.sq, block_q):
         q1 = min(q0 + block_q, geo.sq)
         qs = _q_rows(q, q0, q1, geo) * softmax_scale   # the scale folded into q (never in place: may be a view of q)
-        state = init_state(qs.shape[:-1], geo.d, q.device)
+        state = init_state(qs.shape[:-1], geo.d, q.device, geo.ct)
         k_lo, k_hi = masks.key_range(q0, q1, geo.sq, geo.sk, geo.left, geo.right)
         for k0 in range(k_lo, k_hi, block_k):   # blocks no query here can see are never touched
             k1 = min(k0 + block_k, k_hi)
@@ -167,7 +185,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-             block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − Δ) with Δ = rowsum(dO ∘ O);  dQ = dS K · scale;  dK = dSᵀ Q · scale.
@@ -175,13 +193,14 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
     geo = _geometry(q, k, window_left, window_right)
-    kh, vh = _kv(k), _kv(v)
+    block_q = _block_q(geo, block_q, block_k)
+    kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
     # per-row statistics in (b, s, h, 1) so that _q_rows packs them like q
     lse_rows = _finite_or_zero(lse.transpose(1, 2))[..., None]   # rows with lse = -inf have P = 0 anyway
-    delta_rows = (dout.float() * out.float()).sum(dim=-1, keepdim=True)
+    delta_rows = (dout.to(geo.ct) * out.to(geo.ct)).sum(dim=-1, keepdim=True)
     dq = torch.empty((geo.b, geo.sq, geo.hk * geo.g, geo.d), device=q.device, dtype=q.dtype)
-    dk = torch.zeros((geo.b, geo.hk, geo.sk, geo.d), device=q.device, dtype=torch.float32)
+    dk = torch.zeros((geo.b, geo.hk, geo.sk, geo.d), device=q.device, dtype=geo.ct)
     dv = torch.zeros_like(dk)
     for q0 in range(0, geo.sq, block_q):
         q1 = min(q0 + block_q, geo.sq)
@@ -202,5 +221,5 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
             dq_acc += torch.matmul(ds, kb)
             dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
         dq[:, q0:q1] = _rows_to_heads(dq_acc.mul_(softmax_scale), geo, q1 - q0)
-    dk = dk.mul_(softmax_scale).transpose(1, 2).to(k.dtype)
-    return dq, dk, dv.transpose(1, 2).to(v.dtype)
+    dk = dk.mul_(softmax_scale).transpose(1, 2).to(k.dtype, memory_format=torch.contiguous_format)
+    return dq, dk, dv.transpose(1, 2).to(v.dtype, memory_format=torch.contiguous_format)
