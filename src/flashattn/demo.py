@@ -213,6 +213,12 @@ def _cell(result: dict, key: str, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ms(result: dict) -> str:
+    # whole milliseconds on the CPU; three significant digits for the sub-millisecond GPU times
+    ms = result.get("ms")
+    return _cell(result, "ms", ".0f" if ms is not None and ms >= 100 else ".3g")
+
+
 def format_table(rows: List[dict]) -> str:
     """The results as an aligned plain-text table."""
     head = ["seqlen", "max err flashattn", "max err naive", "flashattn MiB", "naive MiB", "naive/flashattn",
@@ -226,9 +232,9 @@ def format_table(rows: List[dict]) -> str:
             err_fa = err_nv = "skipped"
         ok = "peak_mib" in fa and "peak_mib" in nv and fa["peak_mib"] > 0
         ratio = f"{nv['peak_mib'] / fa['peak_mib']:.3g}x" if ok else "-"
-        ms_nv = "-" if "skipped" in nv else _cell(nv, "ms", ".0f")
+        ms_nv = "-" if "skipped" in nv else _ms(nv)
         body.append([str(r["seqlen"]), err_fa, err_nv, _cell(fa, "peak_mib", ".1f"), _cell(nv, "peak_mib", ".1f"),
-                     ratio, _cell(fa, "ms", ".0f"), ms_nv])
+                     ratio, _ms(fa), ms_nv])
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
