@@ -18,6 +18,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+# Without a GPU the Triton kernels run under Triton's interpreter. It must be switched on before
+# anything imports the kernels (a kernel decorated outside interpreter mode stays compiled-only).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(int(os.environ.get("FLASHATTN_TEST_THREADS", "1")))
 
 settings.register_profile("ci", max_examples=100, deadline=None, print_blob=True,

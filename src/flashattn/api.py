@@ -4,10 +4,10 @@ Argument checks live here and nowhere else; `choose_backend` is the one dispatch
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
-from typing import Optional, Tuple
 
 import torch
 
@@ -22,12 +22,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # dispatch
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether the Triton kernels import (triton installed, the launcher module complete)."""
     try:
-        import triton  # noqa: F401
-    except Exception:
+        module = ops.backend_module("triton")
+    except Exception:   # no triton, or a triton too old for the kernels
         return False
-    return True
+    return callable(getattr(module, "forward", None)) and callable(getattr(module, "backward", None))
 
 
 def choose_backend(q: torch.Tensor) -> str:
@@ -46,17 +48,9 @@ def choose_backend(q: torch.Tensor) -> str:
             raise ValueError("FLASHATTN_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
                              f"kernels on the CPU), got tensors on {q.device}")
         return forced
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available() and _triton_ready():
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
         return "triton"
     return "torch"
-
-
-def _triton_ready() -> bool:
-    try:
-        ops.backend_module("triton")
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,22 +22,12 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def info() -> int:
     """Print versions, devices and the backend choice; 0."""
     import torch
 
     import flashattn
+    from flashattn.bench.environment import cpu_name
     from flashattn.api import choose_backend, triton_available
 
     cuda = torch.cuda.is_available()
@@ -47,7 +37,7 @@ def info() -> int:
         ("triton", _version("triton")),
         ("numpy", _version("numpy")),
         ("python", platform.python_version()),
-        ("cpu", f"{_cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"),
+        ("cpu", f"{cpu_name()}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"),
     ]
     if cuda:
         for i in range(torch.cuda.device_count()):

@@ -17,6 +17,7 @@ import torch
 
 from ..flops import attention_flops, tflops
 from . import memory
+from .records import emit_markdown
 from .environment import describe
 
 CPU_IMPLS = ("flashattn", "sdpa", "naive")
@@ -118,13 +119,7 @@ def run(args, argv) -> int:
             f.write("\n")
         print(f"wrote {args.json}")
     if args.markdown is not None:
-        md = format_markdown(report)
-        if args.markdown == "-":
-            print(md)
-        else:
-            with open(args.markdown, "a") as f:
-                f.write("\n" + md)
-            print(f"appended a markdown table to {args.markdown}")
+        emit_markdown(format_markdown(report), args.markdown)
     print(format_table(report), flush=True)
     return 0
 

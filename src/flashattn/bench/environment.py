@@ -50,7 +50,8 @@ def _git_revision() -> Optional[str]:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model, for headers and `flashattn info`."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -96,7 +97,7 @@ def describe(device: str, argv: Optional[Sequence[str]] = None) -> dict:
             "cudnn": _cudnn_version(),
         })
     else:
-        env.update({"cpu": _cpu_name(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+        env.update({"cpu": cpu_name(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     return env
 
 

@@ -223,13 +223,7 @@ def render(env: dict, ceilings: dict, config: dict, results: Sequence[Result], c
         except Exception as e:
             print(f"plot failed: {type(e).__name__}: {e}")
     if args.markdown is not None:
-        md = records.format_markdown(rows, impls, env, ceilings)
-        if args.markdown == "-":
-            print(md)
-        else:
-            with open(args.markdown, "a") as f:
-                f.write("\n" + md)
-            print(f"appended a markdown table to {args.markdown}")
+        records.emit_markdown(records.format_markdown(rows, impls, env, ceilings), args.markdown)
     header = records.format_header(env, ceilings)
     if elapsed_s is not None:
         header.append(f"command: {env.get('command', '')}   ({elapsed_s:.0f} s)")

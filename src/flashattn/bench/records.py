@@ -354,6 +354,16 @@ def format_markdown(rows: Sequence[dict], impls: Sequence[str], env: dict, ceili
 # JSON
 
 
+def emit_markdown(md: str, dest: str) -> None:
+    """Print the markdown (dest '-') or append it to the file dest."""
+    if dest == "-":
+        print(md)
+        return
+    with open(dest, "a") as f:
+        f.write("\n" + md)
+    print(f"appended a markdown table to {dest}")
+
+
 def report_dict(*, env: dict, config: dict, ceilings: dict, results: Sequence[Result],
                 checks: Sequence[Check], impls: Optional[Sequence[str]] = None, elapsed_s: Optional[float] = None,
                 complete: bool = True) -> dict:
