@@ -57,12 +57,15 @@ def choose_backend(q: torch.Tensor) -> str:
 # argument checks
 
 
-def _check_tensor(name: str, x, layout: str) -> None:
+def _check_tensor(name: str, x, layout: str, ndim: int = 4) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
-    if x.dim() != 4:
-        hint = "; add the missing batch dimension with .unsqueeze(0)" if x.dim() == 3 else ""
-        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(x.shape)}{hint}")
+    if x.dim() != ndim:
+        hint = ""
+        if ndim == 4 and x.dim() == 3:
+            hint = ("; add the missing batch dimension with .unsqueeze(0), or use flash_attn_varlen_func for "
+                    "packed (total_tokens, nheads, headdim) batches")
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}{hint}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; attention needs a floating-point tensor "
                         "(float16, bfloat16, float32 or float64): convert it with .to(torch.bfloat16) or similar")
@@ -102,7 +105,8 @@ def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)") -> Non
                              f"{name}.stride() = {x.stride()}; call {name}.contiguous()")
 
 
-def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes) -> float:
+def _check_options(batch, nheads, headdim, device, dropout_p, softmax_scale, window_size, softcap,
+                   alibi_slopes) -> float:
     """Validates the options; returns the softmax scale to use."""
     if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
@@ -110,7 +114,7 @@ def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slop
         raise NotImplementedError(f"dropout_p={dropout_p}: dropout inside attention is not implemented yet; "
                                   "use dropout_p=0.0 (apply dropout outside attention if you need it)")
     if softmax_scale is None:
-        softmax_scale = masks.default_scale(q.shape[-1])
+        softmax_scale = masks.default_scale(headdim)
     elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
     elif not math.isfinite(softmax_scale):
@@ -123,26 +127,71 @@ def _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slop
     if not isinstance(softcap, numbers.Real) or not (0 <= softcap < math.inf):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
     if alibi_slopes is not None:
-        b, _, h, _ = q.shape
+        b, h = batch, nheads
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a tensor of shape ({h},) or ({b}, {h}), "
                             f"got {type(alibi_slopes).__name__}")
         if tuple(alibi_slopes.shape) not in ((h,), (b, h)):
             raise ValueError(f"alibi_slopes must have shape (nheads,)=({h},) or (batch, nheads)=({b}, {h}), "
                              f"got {tuple(alibi_slopes.shape)}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}; move it")
+        if alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}; move it")
     return float(softmax_scale)
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
-    """Checked inputs in the flash_attn layout -> (out, lse)."""
-    _check_qkv(q, k, v)
-    scale = _check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k) -> int:
+    """Validates a packed batch's sequence boundaries; returns the number of sequences."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,), got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}; convert it with .to(torch.int32)")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it with .to(q.device)")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries and cu_seqlens_k {cu_seqlens_k.numel()}; "
+                         "both must be batch + 1 long")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {m!r}")
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return cu_seqlens_q.numel() - 1   # values are not readable while tracing or capturing
+    # One small device-to-host read: wrong boundaries would silently give wrong rows.
+    for name, cu, total, max_name, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+                                         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        vals = cu.tolist()
+        lens = [b - a for a, b in zip(vals, vals[1:])]
+        if vals[0] < 0 or min(lens) < 0:
+            raise ValueError(f"{name} must start at >= 0 and never decrease (cumulative sequence lengths), got {vals}")
+        if vals[-1] > total:
+            raise ValueError(f"{name} ends at {vals[-1]} but the packed tensor has only {total} rows")
+        if max(lens) > m:
+            raise ValueError(f"{max_name}={m} is smaller than the longest sequence ({max(lens)}); pass at least "
+                             f"{max(lens)}")
+    return cu_seqlens_q.numel() - 1
+
+
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Checked inputs -> (out, lse). Dense (b, s, h, d) inputs, or packed (total, h, d) ones with cu_seqlens."""
+    if cu_seqlens_q is None:
+        _check_qkv(q, k, v)
+        batch = q.shape[0]
+    else:
+        layout = "(total_tokens, nheads, headdim)"
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _check_tensor(name, x, layout, ndim=3)
+        _check_qkv(q[None], k[None], v[None])
+        batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+    scale = _check_options(batch, q.shape[-2], q.shape[-1], q.device, dropout_p, softmax_scale, window_size,
+                           softcap, alibi_slopes)
     left, right = masks.window_bounds(bool(causal), window_size)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
-    return ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, choose_backend(q))
+    return ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                   int(max_seqlen_q), int(max_seqlen_k), choose_backend(q))
 
 
 def _result(out, lse, return_attn_probs):
@@ -195,8 +244,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return _result(out, lse, return_attn_probs)
 
 
-def _check_packed(name: str, x, n: int, layout: str):
-    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[2] != n:
+def _check_packed(name: str, x, n: int, layout: str, ndim: int = 5):
+    if not isinstance(x, torch.Tensor) or x.dim() != ndim or x.shape[ndim - 3] != n:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must have shape {layout}, got {shape}")
 
@@ -223,6 +272,54 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Attention over a packed batch of sequences of different lengths (no padding).
+
+    Arguments:
+        q: (total_q, nheads, headdim), the queries of all sequences one after another.
+        k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q: (batch + 1,) int32, cumulative lengths: sequence i is rows
+            cu_seqlens_q[i]:cu_seqlens_q[i+1] of q. Zero-length sequences are allowed.
+        cu_seqlens_k: (batch + 1,) int32, the same for k and v.
+        max_seqlen_q, max_seqlen_k: int, at least the longest sequence (sizes the launch grid).
+        alibi_slopes: (nheads,) or (batch, nheads).
+        block_table: paged KV caches are not supported here yet (NotImplementedError).
+        The other arguments as in flash_attn_func; masks apply within each sequence (causal aligned
+        bottom-right per sequence). The boundaries are checked, which reads cu_seqlens on the host once.
+    Return:
+        out: (total_q, nheads, headdim); rows past cu_seqlens_q[-1] are 0.
+        softmax_lse [if return_attn_probs]: (nheads, total_q) float32; S_dmask: None.
+    """
+    if block_table is not None:
+        raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
+                                  "pass contiguous k and v")
+    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """Packed self-attention with q, k, v in one tensor qkv: (total, 3, nheads, headdim)."""
+    _check_packed("qkv", qkv, 3, "(total_tokens, 3, nheads, headdim)", ndim=4)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Packed attention with k and v in one tensor kv: (total_k, 2, nheads_k, headdim)."""
+    _check_packed("kv", kv, 2, "(total_tokens, 2, nheads_k, headdim)", ndim=4)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_attn_probs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Every public function ends here, so torch.compile sees one opaque op per attention call (no graph
 break) and autograd recomputes instead of storing probabilities. `backend` names the module in
 `flashattn.backends` that does the work; the public API's dispatch point chooses it.
+
+Two layouts share the ops. Dense: q (b, sq, h, d), k, v (b, sk, hk, d), lse (b, h, sq).
+Packed variable-length ("varlen", cu_seqlens given): q (total_q, h, d), k, v (total_k, hk, d),
+sequence i occupying rows cu_seqlens[i]:cu_seqlens[i+1], lse (h, total_q) — flash_attn's layouts.
+Backends with `VARLEN_NATIVE = True` take the packed batch whole; the others run sequence by sequence.
 """
 from __future__ import annotations
 
@@ -23,59 +28,114 @@ def backend_module(name: str):
     return importlib.import_module(_MODULES[name])
 
 
+def _lse_shape(q: Tensor, varlen: bool):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _sequences(cu_q: Tensor, cu_k: Tensor):
+    """(index, q0, q1, k0, k1) of each sequence of a packed batch."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        yield i, cq[i], cq[i + 1], ck[i], ck[i + 1]
+
+
+def _slopes_of(alibi_slopes: Optional[Tensor], i: int) -> Optional[Tensor]:
+    return alibi_slopes[i:i + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+
+
+def _forward_each(module, q, k, v, options, alibi_slopes, cu_q, cu_k):
+    """A packed batch through a dense backend, one sequence at a time."""
+    out = q.new_zeros(q.shape)
+    lse = q.new_full(_lse_shape(q, True), float("-inf"), dtype=lse_dtype(q.dtype))
+    for i, q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+        if q1 > q0 and k1 > k0:   # an empty sequence, or one with no keys: zeros and -inf as allocated
+            o, l = module.forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *options, _slopes_of(alibi_slopes, i))
+            out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return out, lse
+
+
+def _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_q, cu_k):
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for i, q0, q1, k0, k1 in _sequences(cu_q, cu_k):
+        if q1 > q0 and k1 > k0:
+            g = module.backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+                                lse[None, :, q0:q1], *options, _slopes_of(alibi_slopes, i))
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
 @torch.library.custom_op("flashattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
-        softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """q: (b, sq, h, d); k, v: (b, sk, hk, d) -> out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
-    (float64 for float64 inputs)."""
-    lse_shape, lse_dt = (q.shape[0], q.shape[2], q.shape[1]), lse_dtype(q.dtype)
-    if q.shape[0] == 0 or q.shape[1] == 0:   # nothing to compute; kernels need not handle empty grids
+        softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+        cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+        backend: str) -> Tuple[Tensor, Tensor]:
+    """-> out (like q, contiguous) and lse, float32 (float64 for float64 inputs), in the layouts above."""
+    varlen = cu_seqlens_q is not None
+    lse_shape, lse_dt = _lse_shape(q, varlen), lse_dtype(q.dtype)
+    if q.numel() == 0:                       # nothing to compute; kernels need not handle empty grids
         return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dt)
-    if k.shape[1] == 0:                      # no key at all: every row sees nothing
+    if k.shape[-3] == 0:                     # no key at all: every row sees nothing
         return q.new_zeros(q.shape), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
-    out, lse = backend_module(backend).forward(q, k, v, softmax_scale, window_left, window_right, softcap,
-                                               alibi_slopes)
+    module = backend_module(backend)
+    options = (softmax_scale, window_left, window_right, softcap)
+    if not varlen:
+        out, lse = module.forward(q, k, v, *options, alibi_slopes)
+    elif getattr(module, "VARLEN_NATIVE", False):
+        out, lse = module.forward(q, k, v, *options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k)
+    else:
+        out, lse = _forward_each(module, q, k, v, options, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
     return out.contiguous(), lse.contiguous()   # the layout the fake kernel promises (torch.compile checks it)
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, backend):
-    b, sq, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
+def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
+              cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashattn::bwd", mutates_args=())
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
         window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+        cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (b, sq, h, d) and the saved out, lse."""
+    """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (like out) and the saved out, lse."""
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    dq, dk, dv = backend_module(backend).backward(dout, q, k, v, out, lse, softmax_scale, window_left,
-                                                  window_right, softcap, alibi_slopes)
+    module = backend_module(backend)
+    options = (softmax_scale, window_left, window_right, softcap)
+    if cu_seqlens_q is None:
+        dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes)
+    elif getattr(module, "VARLEN_NATIVE", False):
+        dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k)
+    else:
+        dq, dk, dv = _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_seqlens_q,
+                                    cu_seqlens_k)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes, backend):
+def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
     # contiguous whatever the inputs' strides (empty_like would copy a transposed input's strides)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, backend = inputs
+    q, k, v, scale, left, right, softcap, alibi_slopes, cu_q, cu_k, max_q, max_k, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.options = (softmax_scale, window_left, window_right, softcap)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k)
+    ctx.options = (scale, left, right, softcap)
+    ctx.max_seqlens = (max_q, max_k)
     ctx.backend = backend
 
 
 def _backward(ctx, dout, dlse):
     # lse is returned for inspection and for merging partial results; gradients flow through out only.
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    scale, left, right, softcap = ctx.options
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, scale, left, right, softcap, alibi_slopes, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

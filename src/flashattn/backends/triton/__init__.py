@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -17,6 +18,7 @@ import triton
 from . import kernels as K
 
 _SUPPORTED = (torch.float16, torch.bfloat16)
+VARLEN_NATIVE = True   # forward/backward take packed batches (cu_seqlens) directly
 
 
 def _interpreting() -> bool:
@@ -39,7 +41,7 @@ def _gpu_key(device_index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # configurations: data, pruned by a small keep() per kernel
 
-_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI"]
+_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN"]
 
 
 def _smem_ok(bm, bn, bd, stages) -> bool:
@@ -127,11 +129,49 @@ def _check(q):
                         "unset FLASHATTN_BACKEND to run float32 on the PyTorch path, or convert the inputs")
 
 
-def _common_meta(q, k, window_left, window_right, softcap, alibi_slopes):
-    d = q.shape[-1]
-    return dict(GROUP=q.shape[2] // k.shape[2], HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+class _Batch(NamedTuple):
+    """What the kernels need to know about a batch, dense (b, s, h, d) or packed varlen (total, h, d)."""
+    batch: int
+    seqlen_q: int      # the longest sequence for varlen
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    cu_q: Optional[torch.Tensor]
+    cu_k: Optional[torch.Tensor]
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+    def strides(self, x) -> Tuple[int, int, int]:
+        """(batch, row, head) strides; a packed batch has no batch stride (rows start at cu_seqlens)."""
+        return (0, x.stride(0), x.stride(1)) if self.varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+    def new_lse(self, like, total_q: int) -> torch.Tensor:
+        """lse/Δ storage: (b, h, sq) dense, (h, total_q) packed (flash_attn's layouts)."""
+        if self.varlen:   # rows past cu_seqlens[-1] belong to no sequence: -inf, as for rows that see nothing
+            return torch.full((self.nheads, total_q), float("-inf"), device=like.device, dtype=torch.float32)
+        return torch.empty((self.batch, self.nheads, self.seqlen_q), device=like.device, dtype=torch.float32)
+
+    def new_like(self, x) -> torch.Tensor:
+        """An output shaped like x; zeroed for packed batches, whose rows past cu_seqlens[-1] no program writes."""
+        return (torch.zeros if self.varlen else torch.empty)(x.shape, device=x.device, dtype=x.dtype)
+
+    def lse_strides(self, lse) -> Tuple[int, int]:
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+
+def _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Batch:
+    if cu_seqlens_q is None:
+        return _Batch(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], None, None)
+    return _Batch(cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1],
+                  cu_seqlens_q, cu_seqlens_k)
+
+
+def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes):
+    return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
-                HAS_ALIBI=alibi_slopes is not None)
+                HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen)
 
 
 def _alibi_args(q, alibi_slopes):
@@ -141,56 +181,57 @@ def _alibi_args(q, alibi_slopes):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
-def _tail(q, k, window_left, window_right, softmax_scale, softcap):
-    return (max(window_left, 0), max(window_right, 0), float(softmax_scale), float(softcap) if softcap else 1.0,
-            triton.next_power_of_2(max(q.shape[1], k.shape[1])), _gpu_key(q.device.index or 0))
+def _tail(bt: _Batch, q, window_left, window_right, softmax_scale, softcap):
+    return (bt.seqlen_q, bt.seqlen_k, max(window_left, 0), max(window_right, 0), float(softmax_scale),
+            float(softcap) if softcap else 1.0, triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)),
+            _gpu_key(q.device.index or 0))
 
 
-def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
-    """q: (b, sq, h, d); k, v: (b, sk, hk, d) fp16/bf16 -> out (b, sq, h, d), lse (b, h, sq) float32."""
+def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
+    Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
+    lse is float32."""
     _check(q)
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    out = torch.empty((b, sq, h, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
+    bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = bt.new_like(q)
+    lse = bt.new_lse(q, q.shape[0])
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
-    left, right, scale, cap, bucket, gpu = _tail(q, k, window_left, window_right, softmax_scale, softcap)
-    args = (q, k, v, out, lse, alibi,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), stride_ab,
-            h, sq, sk, left, right, scale, cap, bucket, gpu)
-    _launch("fwd", sq, b * h, args, _common_meta(q, k, window_left, window_right, softcap, alibi_slopes))
+    cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
+    args = (q, k, v, out, lse, alibi, cu_q, cu_k, *bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(out),
+            *bt.lse_strides(lse), stride_ab, bt.nheads,
+            *_tail(bt, q, window_left, window_right, softmax_scale, softcap))
+    _launch("fwd", bt.seqlen_q, bt.batch * bt.nheads, args,
+            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes))
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
-             alibi_slopes=None):
+             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
     _check(q)
-    b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    d = q.shape[-1]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    meta = _common_meta(q, k, window_left, window_right, softcap, alibi_slopes)
-    delta = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
-    pre_block = 16 if _interpreting() else 64
-    K._attn_bwd_preprocess[(triton.cdiv(sq, pre_block), b * h)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-        dout.stride(2), h, sq, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes)
     lse = lse.contiguous()
-    dq = torch.empty((b, sq, h, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, sk, hk, d), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, sk, hk, d), device=q.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    # Δ = rowsum(dO ∘ O) row by row: a packed batch is one long sequence here, whose Δ has lse's layout
+    o4, do4, d3 = (out, dout, delta) if not bt.varlen else (out[None], dout[None], delta[None])
+    rows, pre_block = o4.shape[1], (16 if _interpreting() else 64)
+    K._attn_bwd_preprocess[(triton.cdiv(rows, pre_block), o4.shape[0] * bt.nheads)](
+        o4, do4, d3, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
+        bt.nheads, rows, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
-    left, right, scale, cap, bucket, gpu = _tail(q, k, window_left, window_right, softmax_scale, softcap)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    _launch("dkdv", sk, b * hk,
-            (q, k, v, dout, lse, delta, dk, dv, alibi, *strides,
-             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), stride_ab,
-             hk, sq, sk, left, right, scale, cap, bucket, gpu), meta)
-    _launch("dq", sq, b * h,
-            (q, k, v, dout, lse, delta, dq, alibi, *strides,
-             dq.stride(0), dq.stride(1), dq.stride(2), stride_ab,
-             h, sq, sk, left, right, scale, cap, bucket, gpu), meta)
+    cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
+    tail = _tail(bt, q, window_left, window_right, softmax_scale, softcap)
+    inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
+    _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
+            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, *inputs, *bt.strides(dk), *bt.strides(dv),
+             *bt.lse_strides(lse), stride_ab, bt.nheads_k, *tail), meta)
+    _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
+            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, *inputs, *bt.strides(dq),
+             *bt.lse_strides(lse), stride_ab, bt.nheads, *tail), meta)
     return dq, dk, dv

@@ -115,6 +115,21 @@ def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, B
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first query row, first key row, seqlen_q, seqlen_k) of batch entry off_b. Packed (varlen)
+    batches read them from cu_seqlens; dense ones start at row 0 with the launch's seqlens."""
+    if VARLEN:
+        q_start = tl.load(CuQ + off_b).to(tl.int64)
+        k_start = tl.load(CuK + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuQ + off_b + 1) - q_start).to(tl.int32)
+        seqlen_k = (tl.load(CuK + off_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = off_b * 0
+        k_start = off_b * 0
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 
@@ -165,35 +180,40 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Alibi,
+def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
               stride_ob, stride_om, stride_oh,
-              stride_ab,
+              stride_lb, stride_lh, stride_ab,
               nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
               seq_bucket, gpu_key,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
+              VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
+
+    Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = off_bh % nheads
     off_hk = (off_h // GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:   # a shorter sequence of a packed batch
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     rows_ok = offs_m < seqlen_q
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + (q_start + start_m) * stride_qm
     q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
                 mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    K_bh = K + off_b * stride_kb + off_hk * stride_kh
-    V_bh = V + off_b * stride_vb + off_hk * stride_vh
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
@@ -220,10 +240,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=rows_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=rows_ok)
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,30 +318,33 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    stride_dob, stride_dom, stride_doh,
                    stride_dkb, stride_dkn, stride_dkh,
                    stride_dvb, stride_dvn, stride_dvh,
-                   stride_ab,
+                   stride_lb, stride_lh, stride_ab,
                    nheads_k, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
                    seq_bucket, gpu_key,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // nheads_k).to(tl.int64)
     off_hk = (off_bhk % nheads_k).to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
+    if start_n >= seqlen_k:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    row_off = offs_n[:, None].to(tl.int64)
+    row_off = k_start + offs_n[:, None]
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + row_off * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + row_off * stride_vn + offs_d[None, :],
@@ -332,10 +355,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi,
                                          HAS_LEFT, HAS_RIGHT)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
-        Q_bh = Q + off_b * stride_qb + off_h * stride_qh
-        DO_bh = DO + off_b * stride_dob + off_h * stride_doh
-        Lse_bh = Lse + (off_b * nheads_k * GROUP + off_h) * seqlen_q
-        Delta_bh = Delta + (off_b * nheads_k * GROUP + off_h) * seqlen_q
+        Q_bh = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        DO_bh = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+        Lse_bh = Lse + off_b * stride_lb + off_h * stride_lh + q_start   # Delta has lse's layout
+        Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh + q_start
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h)
@@ -395,18 +418,18 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
                  stride_dob, stride_dom, stride_doh,
                  stride_dqb, stride_dqm, stride_dqh,
-                 stride_ab,
+                 stride_lb, stride_lh, stride_ab,
                  nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
                  seq_bucket, gpu_key,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -415,24 +438,28 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi,
     off_h = off_bh % nheads
     off_hk = (off_h // GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < seqlen_q
     mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    row_off = offs_m[:, None].to(tl.int64)
+    row_off = q_start + offs_m[:, None]
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row_off * stride_qm + offs_d[None, :],
                 mask=mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row_off * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0)
-    lse = tl.load(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=rows_ok, other=float("inf"))
+    lse_off = off_b * stride_lb + off_h * stride_lh + q_start + offs_m   # Delta has lse's layout
+    lse = tl.load(Lse + lse_off, mask=rows_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=rows_ok, other=0.0)
+    delta = tl.load(Delta + lse_off, mask=rows_ok, other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
-    K_bh = K + off_b * stride_kb + off_hk * stride_kh
-    V_bh = V + off_b * stride_vb + off_hk * stride_vh
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
