@@ -174,7 +174,7 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q,
 
 
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0):
     """Checked inputs -> (out, lse). Dense (b, s, h, d) inputs, or packed (total, h, d) ones with cu_seqlens."""
     if cu_seqlens_q is None:
         _check_qkv(q, k, v)
@@ -187,11 +187,15 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
     scale = _check_options(batch, q.shape[-2], q.shape[-1], q.device, dropout_p, softmax_scale, window_size,
                            softcap, alibi_slopes)
+    if not isinstance(num_sink_tokens, numbers.Integral) or isinstance(num_sink_tokens, bool) or num_sink_tokens < 0:
+        raise ValueError(f"num_sink_tokens must be an int >= 0, got {num_sink_tokens!r}")
     left, right = masks.window_bounds(bool(causal), window_size)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
+    # sinks only widen a window's left limit: without one every key is visible already
+    num_sink = int(num_sink_tokens) if left >= 0 else 0
     return ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                   int(max_seqlen_q), int(max_seqlen_k), choose_backend(q))
+                   int(max_seqlen_q), int(max_seqlen_k), num_sink, choose_backend(q))
 
 
 def _result(out, lse, return_attn_probs):
@@ -204,7 +208,7 @@ def _result(out, lse, return_attn_probs):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, num_sink_tokens=0):
     """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile.
 
     Arguments:
@@ -234,13 +238,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         deterministic: bool. Accepted for compatibility; every backward here is deterministic.
         return_attn_probs: bool. If True, also return the log-sum-exp (and None in place of the
             attention probabilities, which are never materialized).
+        num_sink_tokens: int. Attention sinks (StreamingLLM): the first num_sink_tokens keys are
+            exempt from the window's left limit, so with window_size=(w, 0) and causal=True each
+            query sees the sinks plus its last w + 1 keys. No effect without a left limit.
     Return:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
             softmax denominator of each row (scaled scores).
         S_dmask [if return_attn_probs]: None.
     """
-    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                          num_sink_tokens=num_sink_tokens)
     return _result(out, lse, return_attn_probs)
 
 
@@ -251,7 +259,8 @@ def _check_packed(name: str, x, n: int, layout: str, ndim: int = 5):
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              num_sink_tokens=0):
     """Self-attention with q, k, v packed in one tensor.
 
     qkv: (batch, seqlen, 3, nheads, headdim). Other arguments and the return as in flash_attn_func.
@@ -259,11 +268,12 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """
     _check_packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             num_sink_tokens=0):
     """Attention with k and v packed in one tensor.
 
     q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim).
@@ -271,12 +281,12 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """
     _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
-                           softcap, alibi_slopes, deterministic, return_attn_probs)
+                           softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, num_sink_tokens=0):
     """Attention over a packed batch of sequences of different lengths (no padding).
 
     Arguments:
@@ -298,28 +308,29 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
                                   "pass contiguous k and v")
     out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens)
     return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+                                     return_attn_probs=False, num_sink_tokens=0):
     """Packed self-attention with q, k, v in one tensor qkv: (total, 3, nheads, headdim)."""
     _check_packed("qkv", qkv, 3, "(total_tokens, 3, nheads, headdim)", ndim=4)
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                  deterministic, return_attn_probs)
+                                  deterministic, return_attn_probs, None, num_sink_tokens)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                    num_sink_tokens=0):
     """Packed attention with k and v in one tensor kv: (total_k, 2, nheads_k, headdim)."""
     _check_packed("kv", kv, 2, "(total_tokens, 2, nheads_k, headdim)", ndim=4)
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                  deterministic, return_attn_probs)
+                                  deterministic, return_attn_probs, None, num_sink_tokens)
 
 
 # ----------------------------------------------------------------------------------------------

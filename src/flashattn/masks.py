@@ -8,7 +8,9 @@ Geometry (flash_attn's convention). Query i of a sequence of ``seqlen_q`` querie
 *diagonal* key ``diag(i) = i + seqlen_k - seqlen_q``: the causal mask is aligned to the
 bottom-right corner of the (seqlen_q, seqlen_k) score matrix. A window ``(left, right)`` lets query
 i see the keys j with ``diag(i) - left <= j <= diag(i) + right``; ``-1`` means unlimited on that
-side. Causal attention is the window ``(left, 0)``::
+side. Causal attention is the window ``(left, 0)``. Attention sinks (StreamingLLM): the first
+``num_sink`` keys are exempt from the left limit (still subject to the right one, so a causal
+query never sees a future sink)::
 
     causal, seqlen_q = 2, seqlen_k = 5      causal, seqlen_q = 5, seqlen_k = 2
         1 1 1 1 0                               0 0     <- rows that see no key
@@ -20,7 +22,7 @@ side. Causal attention is the window ``(left, 0)``::
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -35,7 +37,7 @@ def window_bounds(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]
     return left, right
 
 
-def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int) -> torch.Tensor:
+def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int, num_sink: int = 0) -> torch.Tensor:
     """Boolean tensor: may query ``q_idx`` see key ``k_idx``? Indices broadcast against each other.
 
     q_idx, k_idx: integer tensors of positions within the sequence (e.g. shapes (M, 1) and (1, N)).
@@ -43,17 +45,18 @@ def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int) -
     diag = q_idx + (seqlen_k - seqlen_q)
     ok = (k_idx >= 0) & (k_idx < seqlen_k) & (q_idx >= 0) & (q_idx < seqlen_q)   # broadcast over both
     if left >= 0:
-        ok = ok & (k_idx >= diag - left)
+        ok_left = k_idx >= diag - left
+        ok = ok & (ok_left | (k_idx < num_sink) if num_sink > 0 else ok_left)
     if right >= 0:
         ok = ok & (k_idx <= diag + right)
     return ok
 
 
-def mask_matrix(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None) -> torch.Tensor:
+def mask_matrix(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, num_sink: int = 0) -> torch.Tensor:
     """(seqlen_q, seqlen_k) boolean matrix of `visible`."""
     qi = torch.arange(seqlen_q, device=device)[:, None]
     kj = torch.arange(seqlen_k, device=device)[None, :]
-    return visible(qi, kj, seqlen_q, seqlen_k, left, right)
+    return visible(qi, kj, seqlen_q, seqlen_k, left, right, num_sink)
 
 
 def key_range(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Tuple[int, int]:
@@ -67,8 +70,20 @@ def key_range(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, rig
     return k_lo, max(k_lo, k_hi)
 
 
-def query_range(k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Tuple[int, int]:
+def key_ranges(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
+               num_sink: int = 0) -> List[Tuple[int, int]]:
+    """The non-empty key ranges some query in [q_lo, q_hi) may see: the sinks left of the window, then
+    `key_range`."""
+    k_lo, k_hi = key_range(q_lo, q_hi, seqlen_q, seqlen_k, left, right)
+    sink_hi = min(num_sink, k_lo, k_hi)
+    return [(lo, hi) for lo, hi in ((0, sink_hi), (k_lo, k_hi)) if hi > lo]
+
+
+def query_range(k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
+                num_sink: int = 0) -> Tuple[int, int]:
     """Half-open range [q_lo, q_hi) of queries that may see some key in [k_lo, k_hi) (backward pass)."""
+    if k_lo < num_sink:   # a sink is seen by every later query: no left limit for this range
+        left = -1
     off = seqlen_k - seqlen_q
     # key j is seen by query i iff  j - off - right <= i <= j - off + left
     q_lo = 0 if right < 0 else max(0, k_lo - off - right)

@@ -21,12 +21,14 @@ def attention_ref(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
+    num_sink_tokens: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · scale) v, the plain way.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
     nheads % nheads_k == 0 (query head h uses key/value head h // (nheads // nheads_k)).
     alibi_slopes: (nheads,) or (batch, nheads).
+    num_sink_tokens: the first keys that every query sees regardless of the window's left limit.
     compute_dtype: float64 (the oracle), float32, or None to compute in the inputs' own dtype (the
     "same naive math in the input dtype" of the tolerance rule).
     Returns out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), both in the
@@ -51,7 +53,7 @@ def attention_ref(
         slopes = slopes[None] if slopes.dim() == 1 else slopes             # (1 or b, h)
         s = s + masks.alibi_bias(slopes, qi, kj, sq, sk)
     left, right = masks.window_bounds(causal, window_size)
-    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right), float("-inf"))
+    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right, num_sink_tokens), float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)                # empty rows: exp(-inf - 0) = 0
     e = torch.exp(s - m)

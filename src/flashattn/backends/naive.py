@@ -10,17 +10,19 @@ from ..masks import lse_dtype
 from ..reference import attention_ref
 
 
-def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
-    out, lse = attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes)
+def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, num_sink=0):
+    out, lse = attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes,
+                             num_sink_tokens=num_sink)
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
-             alibi_slopes=None):
+             alibi_slopes=None, num_sink=0):
     # Inside a torch.library custom op autograd records nothing (the kernel runs below the Autograd key),
     # so torch.autograd.grad finds no graph; torch.func.vjp is its own transform and works here.
     def f(q, k, v):
-        return attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes)[0]
+        return attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes,
+                             num_sink_tokens=num_sink)[0]
 
     _, vjp = torch.func.vjp(f, q.double(), k.double(), v.double())
     return tuple(g.to(x.dtype) for g, x in zip(vjp(dout.double()), (q, k, v)))

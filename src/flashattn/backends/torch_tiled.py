@@ -97,13 +97,14 @@ class _Geometry(NamedTuple):
     d: int
     left: int
     right: int
+    num_sink: int
 
 
-def _geometry(q, k, window_left, window_right) -> _Geometry:
+def _geometry(q, k, window_left, window_right, num_sink=0) -> _Geometry:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right)
+    return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right, num_sink)
 
 
 def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
@@ -150,19 +151,26 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
         bias = masks.alibi_bias(slopes.squeeze(-1), qi, kj, geo.sq, geo.sk)
         s = s + bias.reshape(bias.shape[0], geo.hk, geo.g * (q1 - q0), k1 - k0)
     if not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
-        hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right)
+        hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink)
         s = s.masked_fill_(hidden.repeat(geo.g, 1), float("-inf"))
     return s, t
 
 
+def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
+    """[k0, k1) tiles of the keys queries [q0, q1) may see (masks.key_ranges: sinks, then the window)."""
+    for lo, hi in masks.key_ranges(q0, q1, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink):
+        for k0 in range(lo, hi, block_k):
+            yield k0, min(k0 + block_k, hi)
+
+
 def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: int = -1,
-            softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+            softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
 
     block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
-    geo = _geometry(q, k, window_left, window_right)
+    geo = _geometry(q, k, window_left, window_right, num_sink)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
@@ -172,9 +180,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
         q1 = min(q0 + block_q, geo.sq)
         qs = _q_rows(q, q0, q1, geo) * softmax_scale   # the scale folded into q (never in place: may be a view of q)
         state = init_state(qs.shape[:-1], geo.d, q.device, geo.ct)
-        k_lo, k_hi = masks.key_range(q0, q1, geo.sq, geo.sk, geo.left, geo.right)
-        for k0 in range(k_lo, k_hi, block_k):   # blocks no query here can see are never touched
-            k1 = min(k0 + block_k, k_hi)
+        for k0, k1 in _key_blocks(q0, q1, geo, block_k):   # blocks no query here can see are never touched
             s, _ = _scores(qs, kh[:, :, k0:k1], q0, q1, k0, k1, geo, softcap, slopes)
             state = online_softmax_step(state, s, vh[:, :, k0:k1], overwrite_scores=True).state
         o, l = finish(state)
@@ -184,7 +190,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
-             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
              block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
@@ -192,7 +198,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
-    geo = _geometry(q, k, window_left, window_right)
+    geo = _geometry(q, k, window_left, window_right, num_sink)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
@@ -208,9 +214,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
         qs = qb * softmax_scale
         lse_b, delta_b = _q_rows(lse_rows, q0, q1, geo), _q_rows(delta_rows, q0, q1, geo)
         dq_acc = torch.zeros_like(qb)
-        k_lo, k_hi = masks.key_range(q0, q1, geo.sq, geo.sk, geo.left, geo.right)
-        for k0 in range(k_lo, k_hi, block_k):
-            k1 = min(k0 + block_k, k_hi)
+        for k0, k1 in _key_blocks(q0, q1, geo, block_k):
             kb, vb = kh[:, :, k0:k1], vh[:, :, k0:k1]
             s, t = _scores(qs, kb, q0, q1, k0, k1, geo, softcap, slopes)
             p = s.sub_(lse_b).exp_()

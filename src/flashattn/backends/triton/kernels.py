@@ -8,8 +8,9 @@ of whole blocks are int64 so tensors past 2³¹ elements index correctly.
 The visibility rule is flashattn.masks' (query i sees key j iff diag(i) - left <= j <= diag(i) + right
 with diag(i) = i + seqlen_k - seqlen_q; -1 = unlimited), re-stated in `_visible` and in the block
 ranges below; the tests hold the kernels to the reference that uses masks.py. Each loop over blocks
-runs in three phases: boundary blocks that need the mask, then blocks every row sees fully (no mask,
-no bounds checks), then boundary blocks again; blocks no row can see are never loaded.
+runs in phases: the blocks every row sees whole (no mask, no bounds checks), then the masked
+boundary blocks on either side, then (forward, dQ) the blocks of sink keys left of the window;
+blocks no row can see are never loaded.
 """
 import triton
 import triton.language as tl
@@ -25,12 +26,16 @@ def _cdiv_floor(a, b):
 
 
 @triton.jit
-def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT: tl.constexpr,
+             HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
     """masks.visible in tl: q_idx, k_idx broadcast to a (rows, cols) tile."""
     diag = q_idx + (seqlen_k - seqlen_q)
     ok = (k_idx < seqlen_k) & (q_idx < seqlen_q)
     if HAS_LEFT:
-        ok = ok & (k_idx >= diag - left)
+        if HAS_SINK:   # sinks are exempt from the left limit only
+            ok = ok & ((k_idx >= diag - left) | (k_idx < num_sink))
+        else:
+            ok = ok & (k_idx >= diag - left)
     if HAS_RIGHT:
         ok = ok & (k_idx <= diag + right)
     return ok
@@ -59,11 +64,12 @@ def _scores(qk, q_idx, k_idx, seqlen_q, seqlen_k, sm_scale, softcap, slope,
 
 
 @triton.jit
-def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key-block bounds for queries [start_m, start_m + BLOCK_M): lo <= full_lo <= full_hi <= hi, all
-    multiples of BLOCK_N except hi. [lo, hi) holds every key some row may see (masks.key_range);
-    [full_lo, full_hi) the blocks every row sees whole (masks.block_is_full)."""
+def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
+    """Key-block bounds for queries [start_m, start_m + BLOCK_M): sink_hi <= lo <= full_lo <= full_hi <= hi,
+    all multiples of BLOCK_N except hi. [lo, hi) holds every key of the window some row may see
+    (masks.key_range); [full_lo, full_hi) the blocks every row sees whole (masks.block_is_full);
+    [0, sink_hi) the blocks of sink keys left of the window (masks.key_ranges)."""
     off = seqlen_k - seqlen_q
     end_m = tl.minimum(start_m + BLOCK_M, seqlen_q)
     zero = start_m * 0   # keep every bound a tensor, even when the seqlens are specialized constants
@@ -85,12 +91,15 @@ def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, 
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+    sink_hi = zero
+    if HAS_SINK:
+        sink_hi = tl.minimum(tl.cdiv(num_sink, BLOCK_N) * BLOCK_N, lo)
+    return sink_hi, lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
     """Query-block bounds for keys [start_n, start_n + BLOCK_N), the mirror of _kv_blocks
     (masks.query_range): key j is seen by rows diag⁻¹(j) - right <= i <= diag⁻¹(j) + left."""
     off = seqlen_k - seqlen_q
@@ -109,6 +118,8 @@ def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M: tl.constexpr, B
         hi = tl.minimum(end_n - 1 - off + left + 1, seqlen_q)
         hi = tl.maximum(hi, 0)
         full_hi = tl.minimum(full_hi, _cdiv_floor(start_n - off + left + 1, BLOCK_M) * BLOCK_M)
+        if HAS_SINK:   # a block holding sinks is seen by every later query (masked element by element)
+            hi = tl.where(start_n < num_sink, seqlen_q, hi)
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
@@ -136,10 +147,10 @@ def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
-                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -156,7 +167,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                        SOFTCAP, HAS_ALIBI)
         # -- update m_i: rows that have seen only masked keys keep m = -inf; shift them by 0 instead
         if MASK:
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -186,11 +197,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
               stride_vb, stride_vn, stride_vh,
               stride_ob, stride_om, stride_oh,
               stride_lb, stride_lh, stride_ab,
-              nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+              nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
               seq_bucket, gpu_key,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
@@ -221,21 +232,18 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
-                                          HAS_LEFT, HAS_RIGHT)
+    sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
+                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
     # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, full_lo, full_hi, offs_m, offs_n, offs_d,
-                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
-                                    slope, False, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                    HAS_ALIBI)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, lo, full_lo, offs_m, offs_n, offs_d,
-                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
-                                    slope, True, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                    HAS_ALIBI)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, full_hi, hi, offs_m, offs_n, offs_d,
-                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
-                                    slope, True, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                    HAS_ALIBI)
+    # Then the masked edges of the window, then the sink blocks left of it.
+    for phase in tl.static_range(4):
+        if phase < 3 or HAS_SINK:
+            p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
+            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
+                                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
+                                            softcap, slope, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT,
+                                            HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -272,10 +280,10 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
-                         stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
-                         MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+                         slope, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
@@ -303,7 +311,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                          SOFTCAP, HAS_ALIBI)
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASK:
-            ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
             pT = tl.where(ok, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ)
@@ -326,11 +334,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
                    stride_dkb, stride_dkn, stride_dkh,
                    stride_dvb, stride_dvn, stride_dvh,
                    stride_lb, stride_lh, stride_ab,
-                   nheads_k, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                   nheads_k, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                    seq_bucket, gpu_key,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -351,8 +359,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _q_blocks(start_n, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
-                                         HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N,
+                                         HAS_LEFT, HAS_RIGHT, HAS_SINK)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         Q_bh = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
@@ -362,18 +370,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, full_lo, full_hi, offs_n,
-                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
-                                      sm_scale, softcap, slope, False, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
-                                      SOFTCAP, HAS_ALIBI)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, lo, full_lo, offs_n,
-                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
-                                      sm_scale, softcap, slope, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
-                                      SOFTCAP, HAS_ALIBI)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, full_hi, hi, offs_n,
-                                      offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right,
-                                      sm_scale, softcap, slope, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT,
-                                      SOFTCAP, HAS_ALIBI)
+        for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
+            p_lo = full_lo if phase == 0 else (lo if phase == 1 else full_hi)
+            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else hi)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
+                                          offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
+                                          sm_scale, softcap, slope, phase != 0, HEAD_DIM, BLOCK_M, HAS_LEFT,
+                                          HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -383,10 +386,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
-                       stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
+                       stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr):
+                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
@@ -405,7 +408,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                        SOFTCAP, HAS_ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, HAS_LEFT, HAS_RIGHT)
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         ds = p * (dp - delta[:, None])
@@ -425,11 +428,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
                  stride_dob, stride_dom, stride_doh,
                  stride_dqb, stride_dqm, stride_dqh,
                  stride_lb, stride_lh, stride_ab,
-                 nheads, seqlen_q, seqlen_k, left, right, sm_scale, softcap,
+                 nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                  seq_bucket, gpu_key,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -461,17 +464,16 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, BLOCK_M, BLOCK_N,
-                                          HAS_LEFT, HAS_RIGHT)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, full_lo, full_hi, offs_m, offs_n, offs_d,
-                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
-                            False, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, lo, full_lo, offs_m, offs_n, offs_d,
-                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
-                            True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, full_hi, hi, offs_m, offs_n, offs_d,
-                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, sm_scale, softcap, slope,
-                            True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI)
+    sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
+                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+    for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
+        if phase < 3 or HAS_SINK:
+            p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
+            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
+            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
+                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+                                    slope, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                    HAS_SINK)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
