@@ -13,6 +13,8 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
+from . import nn, padding
+from .padding import pad_input, unpad_input
 from .reference import attention_ref
 
 __version__ = "0.1.0"
@@ -26,5 +28,9 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "nn",
+    "pad_input",
+    "padding",
     "scaled_dot_product_attention",
+    "unpad_input",
 ]
