@@ -225,12 +225,15 @@ def test_mha_all_false_key_padding_mask_is_no_mask():
     torch.testing.assert_close(a, ours(*inputs)[0], rtol=0, atol=0)
 
 
-def test_mha_dropout_only_in_eval():
-    theirs, ours = mha_pair(dropout=0.1, batch_first=True)
+def test_mha_dropout_only_in_training():
+    theirs, ours = mha_pair(dropout=0.3, batch_first=True)
     inputs = mha_inputs(2, 5, 5, batch_first=True, seed=8)
-    with pytest.raises(NotImplementedError, match=r"dropout=0.1 in training mode.*not implemented yet.*eval"):
-        ours(*inputs)
+    torch.manual_seed(3)
+    a = ours(*inputs)[0]
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours(*inputs)[0], a, rtol=0, atol=0)   # reproducible under the seed
     ours.eval(), theirs.eval()
+    assert (ours(*inputs)[0] - a).abs().max() > 1e-3                   # and really dropped something
     torch.testing.assert_close(ours(*inputs)[0], theirs(*inputs, need_weights=False)[0], **TOL)
 
 

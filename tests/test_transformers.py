@@ -195,16 +195,23 @@ def test_4d_mask_flashattn_cannot_express_raises(which):
         model(ids, attention_mask=mask4d)
 
 
-def test_attention_dropout_in_training_raises():
-    """flashattn has no dropout yet: a model that trains with attention dropout > 0 gets NotImplementedError."""
+def test_attention_dropout_applies_in_training_only():
+    """Attention dropout > 0: applied in training (reproducible under torch.manual_seed), not in eval."""
     torch.manual_seed(0)
     config = make_config("gpt2")
-    config.attn_pdrop = 0.1
+    config.attn_pdrop = 0.3
+    config.resid_pdrop = config.embd_pdrop = 0.0   # only attention dropout differs between the runs
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=NAME)
     ids, mask = make_batch("left")
-    model.eval()(ids, attention_mask=mask)   # no dropout at inference: fine
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model.train()(ids, attention_mask=mask)
+    a = model.eval()(ids, attention_mask=mask).logits
+    b = model.eval()(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(1)
+    c = model.train()(ids, attention_mask=mask).logits
+    torch.manual_seed(1)
+    d = model.train()(ids, attention_mask=mask).logits
+    torch.testing.assert_close(c, d, rtol=0, atol=0)
+    assert (c - a)[mask.bool()].abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from . import masks, ops
+from . import dropout, masks, ops
+from .reference import attention_ref
 
 MAX_HEADDIM = 256
 MIN_HEADDIM = 8
@@ -110,9 +111,6 @@ def _check_options(batch, nheads, headdim, device, dropout_p, softmax_scale, win
     """Validates the options; returns the softmax scale to use."""
     if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: dropout inside attention is not implemented yet; "
-                                  "use dropout_p=0.0 (apply dropout outside attention if you need it)")
     if softmax_scale is None:
         softmax_scale = masks.default_scale(headdim)
     elif not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
@@ -194,13 +192,15 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         alibi_slopes = alibi_slopes.float()
     # sinks only widen a window's left limit: without one every key is visible already
     num_sink = int(num_sink_tokens) if left >= 0 else 0
-    return ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                   int(max_seqlen_q), int(max_seqlen_k), num_sink, choose_backend(q))
+    seed = dropout.draw_seed() if dropout_p > 0.0 else None
+    out, lse = ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, choose_backend(q))
+    return out, lse, seed
 
 
-def _result(out, lse, return_attn_probs):
-    # flash_attn returns (out, softmax_lse, S_dmask); the probabilities are never materialized here.
-    return (out, lse, None) if return_attn_probs else out
+def _result(out, lse, return_attn_probs, probs=None):
+    # flash_attn returns (out, softmax_lse, S_dmask); probabilities are materialized only for dropout tests.
+    return (out, lse, probs) if return_attn_probs else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +217,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         v: (batch, seqlen_k, nheads_k, headdim)
             nheads must be a multiple of nheads_k (MQA/GQA: query head i uses key/value head
             i // (nheads // nheads_k)). headdim between 8 and 256. Only the last dim need be contiguous.
-        dropout_p: float. Must be 0.0 for now (NotImplementedError otherwise).
+        dropout_p: float in [0, 1). Dropout on the attention probabilities, from a counter-based hash
+            of (seed, batch·head, query, key) (flashattn.dropout); the seed is drawn from torch's
+            default generator, so torch.manual_seed makes it reproducible; the backward pass
+            regenerates the same mask. Pass 0.0 at evaluation time, as with flash_attn.
         softmax_scale: float. Default 1 / sqrt(headdim).
         causal: bool. Causal mask aligned to the bottom-right corner of the score matrix, as in
             flash_attn >= 2.1. With seqlen_q = 2 and seqlen_k = 5 (1 = keep, 0 = masked):
@@ -236,8 +239,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         softcap: float. > 0 applies softcap · tanh(score / softcap) before the softmax.
         alibi_slopes: (nheads,) or (batch, nheads), fp32. Adds -slope · |i + seqlen_k - seqlen_q - j|.
         deterministic: bool. Accepted for compatibility; every backward here is deterministic.
-        return_attn_probs: bool. If True, also return the log-sum-exp (and None in place of the
-            attention probabilities, which are never materialized).
+        return_attn_probs: bool. If True, also return the log-sum-exp, and, with dropout_p > 0, the
+            (batch, nheads, seqlen_q, seqlen_k) probabilities as they multiplied v (dropped ones 0, kept
+            ones scaled by 1/(1 - dropout_p)), materialized for testing; None without dropout.
         num_sink_tokens: int. Attention sinks (StreamingLLM): the first num_sink_tokens keys are
             exempt from the window's left limit, so with window_size=(w, 0) and causal=True each
             query sees the sinks plus its last w + 1 keys. No effect without a left limit.
@@ -245,11 +249,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
             softmax denominator of each row (scaled scores).
-        S_dmask [if return_attn_probs]: None.
+        S_dmask [if return_attn_probs]: the probabilities above, or None.
     """
-    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          num_sink_tokens=num_sink_tokens)
-    return _result(out, lse, return_attn_probs)
+    out, lse, seed = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                num_sink_tokens=num_sink_tokens)
+    probs = None
+    if return_attn_probs and seed is not None:   # for testing: the (b, h, sq, sk) matrix that multiplied v
+        with torch.no_grad():
+            probs = attention_ref(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, torch.float32,
+                                  num_sink_tokens, dropout_p, int(seed), return_probs=True)[2]
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def _check_packed(name: str, x, n: int, layout: str, ndim: int = 5):
@@ -307,8 +316,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
                                   "pass contiguous k and v")
-    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens)
+    out, lse, _ = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens)
     return _result(out, lse, return_attn_probs)
 
 

@@ -36,8 +36,8 @@ class MultiheadAttention(nn.Module):
         of their batch element ignored) get attention output 0, so attn_output = out_proj.bias there
         (torch gives NaN). Combined with is_causal the ignored keys must be leading ones (left
         padding), else NotImplementedError: packing the keys would move the causal diagonal.
-      - dropout > 0 works in eval mode only: flashattn's dropout is not implemented yet, so training
-        with it raises NotImplementedError.
+      - dropout applies to the attention probabilities in training mode (flashattn's in-kernel dropout,
+        reproducible under torch.manual_seed), not in eval mode, like torch's module.
       - add_bias_kv and add_zero_attn raise NotImplementedError.
     """
 
@@ -105,9 +105,6 @@ class MultiheadAttention(nn.Module):
         if attn_mask is not None:
             raise NotImplementedError("attn_mask is not supported: a dense mask would materialize L x S elements; "
                                       "use is_causal=True for a causal mask and key_padding_mask for padding")
-        if self.training and self.dropout > 0.0:
-            raise NotImplementedError(f"dropout={self.dropout} in training mode: dropout inside flashattn is not "
-                                      "implemented yet; build the module with dropout=0.0 (or call .eval())")
         batched = query.dim() == 3
         for name, x, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if x.dim() != query.dim() or x.dim() not in (2, 3) or x.shape[-1] != dim:
@@ -137,9 +134,9 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             keep = ~self._check_key_padding_mask(key_padding_mask, key.shape[:2], batched)
         if keep is not None and not bool(keep.all()):
-            out = self._attend_padded(q, k, v, keep, is_causal)
+            out = self._attend_padded(q, k, v, keep, is_causal, self._dropout_p())
         else:
-            out = flash_attn_func(q, k, v, causal=is_causal)
+            out = flash_attn_func(q, k, v, causal=is_causal, dropout_p=self._dropout_p())
         out = self.out_proj(out.flatten(-2))   # (N, L, E)
         out = out.squeeze(0) if not batched else out if self.batch_first else out.transpose(0, 1)
         return out, None
@@ -163,8 +160,11 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"key_padding_mask must have shape {expected}, got {tuple(mask.shape)}")
         return mask
 
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
     @staticmethod
-    def _attend_padded(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, causal: bool) -> Tensor:
+    def _attend_padded(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, causal: bool, dropout_p: float) -> Tensor:
         """q (N, L, H, D), k, v (N, S, H, D), keep (N, S) bool -> (N, L, H, D), over the kept keys only."""
         if causal and bool((keep[:, :-1] & ~keep[:, 1:]).any()):
             # Packed keys are numbered among the kept ones; the causal diagonal (bottom-right) stays where it
@@ -179,7 +179,7 @@ class MultiheadAttention(nn.Module):
         # every query stays: sequence b's queries are rows b*L .. (b+1)*L - 1
         cu_seqlens_q = torch.arange(0, (n + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
         out = flash_attn_varlen_func(q.flatten(0, 1), k_packed, v_packed, cu_seqlens_q, cu_seqlens_k,
-                                         seqlen_q, max_seqlen_k, causal=causal)
+                                         seqlen_q, max_seqlen_k, causal=causal, dropout_p=dropout_p)
         return out.unflatten(0, (n, seqlen_q))
 
 

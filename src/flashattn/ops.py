@@ -43,33 +43,41 @@ def _slopes_of(alibi_slopes: Optional[Tensor], i: int) -> Optional[Tensor]:
     return alibi_slopes[i:i + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
 
 
-def _forward_each(module, q, k, v, options, alibi_slopes, cu_q, cu_k, num_sink):
+def _forward_each(module, q, k, v, options, alibi_slopes, cu_q, cu_k, extra):
     """A packed batch through a dense backend, one sequence at a time."""
     out = q.new_zeros(q.shape)
     lse = q.new_full(_lse_shape(q, True), float("-inf"), dtype=lse_dtype(q.dtype))
     for i, q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         if q1 > q0 and k1 > k0:   # an empty sequence, or one with no keys: zeros and -inf as allocated
             o, l = module.forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], *options, _slopes_of(alibi_slopes, i),
-                                  num_sink=num_sink)
+                                  batch_offset=i, **extra)
             out[q0:q1], lse[:, q0:q1] = o[0], l[0]
     return out, lse
 
 
-def _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_q, cu_k, num_sink):
+def _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_q, cu_k, extra):
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for i, q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         if q1 > q0 and k1 > k0:
             g = module.backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-                                lse[None, :, q0:q1], *options, _slopes_of(alibi_slopes, i), num_sink=num_sink)
+                                lse[None, :, q0:q1], *options, _slopes_of(alibi_slopes, i), batch_offset=i, **extra)
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
+
+
+def _extra(num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor]) -> dict:
+    """Keyword options every backend takes: sinks, and dropout with its seed as a Python int."""
+    extra = {"num_sink": num_sink}
+    if dropout_p > 0.0:
+        extra.update(dropout_p=dropout_p, dropout_seed=int(dropout_seed))
+    return extra
 
 
 @torch.library.custom_op("flashattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
         softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, num_sink: int,
-        backend: str) -> Tuple[Tensor, Tensor]:
+        dropout_p: float, dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """-> out (like q, contiguous) and lse, float32 (float64 for float64 inputs), in the layouts above."""
     varlen = cu_seqlens_q is not None
     lse_shape, lse_dt = _lse_shape(q, varlen), lse_dtype(q.dtype)
@@ -79,19 +87,20 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int,
         return q.new_zeros(q.shape), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
+    extra = _extra(num_sink, dropout_p, dropout_seed)
     if not varlen:
-        out, lse = module.forward(q, k, v, *options, alibi_slopes, num_sink=num_sink)
+        out, lse = module.forward(q, k, v, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
         out, lse = module.forward(q, k, v, *options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, num_sink=num_sink)
+                                  max_seqlen_k, **extra)
     else:
-        out, lse = _forward_each(module, q, k, v, options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, num_sink)
+        out, lse = _forward_each(module, q, k, v, options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, extra)
     return out.contiguous(), lse.contiguous()   # the layout the fake kernel promises (torch.compile checks it)
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
-              cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, backend):
+              cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, backend):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
 
 
@@ -99,46 +108,49 @@ def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
         window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-        num_sink: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+        num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (like out) and the saved out, lse."""
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
+    extra = _extra(num_sink, dropout_p, dropout_seed)
     if cu_seqlens_q is None:
-        dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, num_sink=num_sink)
+        dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
         dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, num_sink=num_sink)
+                                     max_seqlen_q, max_seqlen_k, **extra)
     else:
         dq, dk, dv = _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_seqlens_q,
-                                    cu_seqlens_k, num_sink)
+                                    cu_seqlens_k, extra)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes,
-              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, backend):
+              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, backend):
     # contiguous whatever the inputs' strides (empty_like would copy a transposed input's strides)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, left, right, softcap, alibi_slopes, cu_q, cu_k, max_q, max_k, num_sink, backend = inputs
+    (q, k, v, scale, left, right, softcap, alibi_slopes, cu_q, cu_k, max_q, max_k, num_sink, dropout_p,
+     dropout_seed, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k, dropout_seed)
     ctx.options = (scale, left, right, softcap)
     ctx.max_seqlens = (max_q, max_k)
     ctx.num_sink = num_sink
+    ctx.dropout_p = dropout_p
     ctx.backend = backend
 
 
 def _backward(ctx, dout, dlse):
     # lse is returned for inspection and for merging partial results; gradients flow through out only.
-    q, k, v, out, lse, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed = ctx.saved_tensors
     dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens, ctx.num_sink,
-                     ctx.backend)
-    return (dq, dk, dv) + (None,) * 11
+                     ctx.dropout_p, seed, ctx.backend)
+    return (dq, dk, dv) + (None,) * 13
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import masks
+from . import dropout, masks
 
 
 def attention_ref(
@@ -22,13 +22,20 @@ def attention_ref(
     alibi_slopes: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = torch.float64,
     num_sink_tokens: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    batch_offset: int = 0,
+    return_probs: bool = False,
+):
     """softmax(q kᵀ · scale) v, the plain way.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
     nheads % nheads_k == 0 (query head h uses key/value head h // (nheads // nheads_k)).
     alibi_slopes: (nheads,) or (batch, nheads).
     num_sink_tokens: the first keys that every query sees regardless of the window's left limit.
+    dropout_p, dropout_seed: drop probabilities with flashattn.dropout's mask for this seed (batch
+        entry b counts as batch_offset + b there) and rescale the kept ones by 1 / (1 - dropout_p).
+    return_probs: also return the probabilities (b, h, sq, sk) as they multiply v: dropped ones 0.
     compute_dtype: float64 (the oracle), float32, or None to compute in the inputs' own dtype (the
     "same naive math in the input dtype" of the tolerance rule).
     Returns out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), both in the
@@ -40,7 +47,8 @@ def attention_ref(
     sk, hk = k.shape[1], k.shape[2]
     scale = masks.default_scale(d) if softmax_scale is None else softmax_scale
     if sk == 0:   # no key at all (amax over an empty row would raise)
-        return (q.new_zeros((b, sq, h, v.shape[-1]), dtype=dt), q.new_full((b, h, sq), float("-inf"), dtype=dt))
+        res = (q.new_zeros((b, sq, h, v.shape[-1]), dtype=dt), q.new_full((b, h, sq), float("-inf"), dtype=dt))
+        return res + (q.new_zeros((b, h, sq, 0), dtype=dt),) if return_probs else res
     qh = q.to(dt).transpose(1, 2)                                          # (b, h, sq, d)
     kh = k.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)         # (b, h, sk, d)
     vh = v.to(dt).transpose(1, 2).repeat_interleave(h // hk, dim=1)
@@ -59,6 +67,10 @@ def attention_ref(
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(l == 0, torch.ones_like(l), l)
+    if dropout_p > 0.0:
+        bh = ((batch_offset + torch.arange(b, device=q.device))[:, None] * h + torch.arange(h, device=q.device))
+        keep = dropout.keep_mask(dropout_seed, bh[:, :, None, None], qi, kj, dropout_p)
+        p = p * keep / (1.0 - dropout_p)
     out = torch.matmul(p, vh).transpose(1, 2)                              # (b, sq, h, d)
     lse = (m + torch.log(l)).squeeze(-1)                                   # log 0 = -inf for empty rows
-    return out, lse
+    return (out, lse, p) if return_probs else (out, lse)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .. import masks
+from .. import dropout, masks
 from ..masks import lse_dtype
 
 # Tile sizes. Large tiles amortize Python overhead on the CPU; memory stays O(block_q · block_k).
@@ -61,10 +61,11 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
 
 
 def online_softmax_step(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor,
-                        overwrite_scores: bool = False) -> Step:
+                        overwrite_scores: bool = False, dropout_scale: Optional[torch.Tensor] = None) -> Step:
     """The online-softmax update for one block of scores s (..., Bq, Bk) and values v (..., Bk, d).
 
     overwrite_scores=True turns s into p in place (one pass less over the tile; the loops use it).
+    dropout_scale (like s): keep / (1 - dropout_p); it scales what reaches v, never the row sum l.
     """
     # -- update m: the new running max
     m_new = torch.maximum(state.m, s.amax(dim=-1))
@@ -75,7 +76,7 @@ def online_softmax_step(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor,
     p = p.sub_(m_safe[..., None]).exp_()
     l = state.l * alpha + p.sum(dim=-1)
     acc = state.acc * alpha[..., None]
-    acc += torch.matmul(p, v)
+    acc += torch.matmul(p if dropout_scale is None else p * dropout_scale, v)
     return Step(SoftmaxState(m_new, l, acc), alpha, p)
 
 
@@ -98,13 +99,17 @@ class _Geometry(NamedTuple):
     left: int
     right: int
     num_sink: int
+    dropout_p: float
+    seed: int
+    batch_offset: int   # index of batch entry 0 in the dropout hash (a sequence of a packed batch)
 
 
-def _geometry(q, k, window_left, window_right, num_sink=0) -> _Geometry:
+def _geometry(q, k, window_left, window_right, num_sink=0, dropout_p=0.0, seed=0, batch_offset=0) -> _Geometry:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right, num_sink)
+    return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right, num_sink, dropout_p, seed,
+                     batch_offset)
 
 
 def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
@@ -156,6 +161,18 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
     return s, t
 
 
+def _dropout_scale(q0, q1, k0, k1, geo: _Geometry, device) -> Optional[torch.Tensor]:
+    """keep / (1 - dropout_p) of one tile, (b, hk, g·bq, bk) like the scores; None without dropout."""
+    if geo.dropout_p == 0.0:
+        return None
+    ar = lambda n: torch.arange(n, device=device)   # noqa: E731
+    # flat query-head index (batch · nheads + head) of each row block, head = hk · g + group member
+    bh = ((geo.batch_offset + ar(geo.b))[:, None, None] * (geo.hk * geo.g) + ar(geo.hk)[None, :, None] * geo.g
+          + ar(geo.g)[None, None, :])[..., None, None]
+    keep = dropout.keep_mask(geo.seed, bh, ar(q1)[q0:, None], ar(k1)[None, k0:], geo.dropout_p)
+    return keep.reshape(geo.b, geo.hk, geo.g * (q1 - q0), k1 - k0).to(geo.ct) / (1.0 - geo.dropout_p)
+
+
 def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
     """[k0, k1) tiles of the keys queries [q0, q1) may see (masks.key_ranges: sinks, then the window)."""
     for lo, hi in masks.key_ranges(q0, q1, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink):
@@ -165,12 +182,13 @@ def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
 
 def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: int = -1,
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
+            dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
 
     block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
-    geo = _geometry(q, k, window_left, window_right, num_sink)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
@@ -182,7 +200,8 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
         state = init_state(qs.shape[:-1], geo.d, q.device, geo.ct)
         for k0, k1 in _key_blocks(q0, q1, geo, block_k):   # blocks no query here can see are never touched
             s, _ = _scores(qs, kh[:, :, k0:k1], q0, q1, k0, k1, geo, softcap, slopes)
-            state = online_softmax_step(state, s, vh[:, :, k0:k1], overwrite_scores=True).state
+            state = online_softmax_step(state, s, vh[:, :, k0:k1], overwrite_scores=True,
+                                        dropout_scale=_dropout_scale(q0, q1, k0, k1, geo, q.device)).state
         o, l = finish(state)
         out[:, q0:q1] = _rows_to_heads(o, geo, q1 - q0)
         lse[:, q0:q1] = _rows_to_heads(l, geo, q1 - q0)
@@ -191,6 +210,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
+             dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
              block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
@@ -198,7 +218,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
-    geo = _geometry(q, k, window_left, window_right, num_sink)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
@@ -218,8 +238,12 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
             kb, vb = kh[:, :, k0:k1], vh[:, :, k0:k1]
             s, t = _scores(qs, kb, q0, q1, k0, k1, geo, softcap, slopes)
             p = s.sub_(lse_b).exp_()
-            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob)
-            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_b).mul_(p)   # dS = P ∘ (dP − Δ)
+            z = _dropout_scale(q0, q1, k0, k1, geo, q.device)
+            dv[:, :, k0:k1] += torch.matmul((p if z is None else p * z).transpose(-1, -2), dob)
+            dp = torch.matmul(dob, vb.transpose(-1, -2))
+            if z is not None:
+                dp = dp.mul_(z)   # the gradient reaching P passes the same dropout mask
+            ds = dp.sub_(delta_b).mul_(p)   # dS = P ∘ (dP − Δ)
             if t is not None:
                 ds = ds.mul_(1.0 - t * t)   # d(softcap·tanh(x/softcap))/dx
             dq_acc += torch.matmul(ds, kb)

@@ -28,9 +28,8 @@ or built by transformers < 4.53, which has no AttentionMaskInterface) is accepte
 a causal / sliding-window mask over left-padded sequences; anything else raises NotImplementedError,
 never a silently different result.
 
-Not supported (NotImplementedError): attention dropout > 0 in training (flashattn has no dropout
-yet: set the config's attention dropout to 0, e.g. ``attn_pdrop=0.0`` for GPT-2), attention sinks
-(``s_aux``), masks that flashattn cannot express (``or_mask_function``/``and_mask_function`` overlays,
+Attention dropout applies in training mode (flashattn's in-kernel dropout).
+Not supported (NotImplementedError): attention sinks (``s_aux``), masks that flashattn cannot express (``or_mask_function``/``and_mask_function`` overlays,
 arbitrary 4D masks). ``output_attentions`` returns None for the weights, like transformers' sdpa.
 """
 from __future__ import annotations
@@ -91,7 +90,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     w = sliding_window - 1 if sliding_window else -1
     opts = dict(softmax_scale=scaling, causal=causal, window_size=(w, w), softcap=softcap or 0.0,
-                # flashattn raises NotImplementedError for dropout_p > 0: we let it surface
                 dropout_p=dropout if module.training else 0.0)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))   # flash_attn layout (batch, seq, heads, dim)
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]

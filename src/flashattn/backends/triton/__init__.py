@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 
+from ... import dropout
 from . import kernels as K
 
 _SUPPORTED = (torch.float16, torch.bfloat16)
@@ -41,7 +42,7 @@ def _gpu_key(device_index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # configurations: data, pruned by a small keep() per kernel
 
-_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK"]
+_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT"]
 
 
 def _smem_ok(bm, bn, bd, stages) -> bool:
@@ -168,10 +169,11 @@ def _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Bat
                   cu_seqlens_q, cu_seqlens_k)
 
 
-def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink):
+def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p):
     return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
-                HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0)
+                HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0,
+                DROPOUT=dropout_p > 0.0)
 
 
 def _alibi_args(q, alibi_slopes):
@@ -181,14 +183,15 @@ def _alibi_args(q, alibi_slopes):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
-def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap):
+def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed):
     return (bt.seqlen_q, bt.seqlen_k, max(window_left, 0), max(window_right, 0), num_sink, float(softmax_scale),
-            float(softcap) if softcap else 1.0, triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)),
-            _gpu_key(q.device.index or 0))
+            float(softcap) if softcap else 1.0, dropout_seed, dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0))
 
 
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0):
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0, dropout_p=0.0,
+            dropout_seed=0):
     """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
     Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
     lse is float32."""
@@ -200,21 +203,22 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
     args = (q, k, v, out, lse, alibi, cu_q, cu_k, *bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(out),
             *bt.lse_strides(lse), stride_ab, bt.nheads,
-            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap))
+            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed))
     _launch("fwd", bt.seqlen_q, bt.batch * bt.nheads, args,
-            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink))
+            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p))
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
-             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0):
+             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
+             dropout_p=0.0, dropout_seed=0):
     """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
     _check(q)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     d = q.shape[-1]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink)
+    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     # Δ = rowsum(dO ∘ O) row by row: a packed batch is one long sequence here, whose Δ has lse's layout
@@ -226,7 +230,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
-    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap)
+    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
             (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, *inputs, *bt.strides(dk), *bt.strides(dv),

@@ -15,6 +15,11 @@ blocks no row can see are never loaded.
 import triton
 import triton.language as tl
 
+from ... import dropout
+
+# The dropout hash, the very function the PyTorch path and the reference use (flashattn/dropout.py).
+_mix32 = triton.jit(dropout.mix32)
+
 LOG2E = 1.4426950408889634   # 1/ln(2): exp(x) = exp2(x · LOG2E)
 LN2 = 0.6931471805599453
 
@@ -39,6 +44,20 @@ def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT: 
     if HAS_RIGHT:
         ok = ok & (k_idx <= diag + right)
     return ok
+
+
+@triton.jit
+def _row_keys(seed, bh, rows):
+    """dropout.row_keys in tl: bh the flat query-head index, rows the positions in the sequence."""
+    base = _mix32((_mix32(bh) ^ seed) & 0xFFFFFFFF)
+    return _mix32((base + rows.to(tl.int64)) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _dropped(x, row_key, cols, threshold, keep_scale):
+    """x where dropout keeps the score (scaled by 1 / (1 - p)), 0 where it drops it (dropout.keep_mask)."""
+    keep = _mix32(row_key ^ cols.to(tl.int64)) >= threshold
+    return tl.where(keep, x * keep_scale, 0.0)
 
 
 @triton.jit
@@ -148,9 +167,10 @@ def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
+                    row_key, drop_threshold, keep_scale,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -183,6 +203,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
+        if DROPOUT:   # dropout scales what reaches v; the row sum l keeps every probability
+            p = _dropped(p, row_key[:, None], cols[None, :], drop_threshold, keep_scale)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -198,10 +220,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
               stride_ob, stride_om, stride_oh,
               stride_lb, stride_lh, stride_ab,
               nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+              seed, drop_threshold, keep_scale,
               seq_bucket, gpu_key,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
@@ -232,6 +255,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_key = offs_m
+    if DROPOUT:
+        row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
     sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
                                                    BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
     # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
@@ -242,8 +268,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
             p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                             stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
-                                            softcap, slope, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT,
-                                            HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK)
+                                            softcap, slope, row_key, drop_threshold, keep_scale, phase != 0,
+                                            HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                            HAS_SINK, DROPOUT)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -281,9 +308,10 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                         slope, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         slope, seed, bh, drop_threshold, keep_scale,
+                         MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
@@ -313,9 +341,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
         if MASK:
             ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
             pT = tl.where(ok, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        # dP = dO Vᵀ, dS = P ∘ (dP − Δ)
+        # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            row_key = _row_keys(seed, bh, rows)
+            dv = tl.dot(_dropped(pT, row_key[None, :], offs_n[:, None], drop_threshold, keep_scale).to(do.dtype), do,
+                        dv)
+            dpT = _dropped(dpT, row_key[None, :], offs_n[:, None], drop_threshold, keep_scale)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
@@ -335,10 +369,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
                    stride_dvb, stride_dvn, stride_dvh,
                    stride_lb, stride_lh, stride_ab,
                    nheads_k, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+                   seed, drop_threshold, keep_scale,
                    seq_bucket, gpu_key,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -375,8 +410,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
             p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else hi)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                           offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
-                                          sm_scale, softcap, slope, phase != 0, HEAD_DIM, BLOCK_M, HAS_LEFT,
-                                          HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK)
+                                          sm_scale, softcap, slope, seed, off_b * nheads_k * GROUP + off_h,
+                                          drop_threshold, keep_scale, phase != 0, HEAD_DIM, BLOCK_M, HAS_LEFT,
+                                          HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -387,9 +423,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
+                       row_key, drop_threshold, keep_scale,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr):
+                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
@@ -411,6 +448,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
             ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
+        if DROPOUT:
+            dp = _dropped(dp, row_key[:, None], cols[None, :], drop_threshold, keep_scale)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -429,10 +468,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
                  stride_dqb, stride_dqm, stride_dqh,
                  stride_lb, stride_lh, stride_ab,
                  nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+                 seed, drop_threshold, keep_scale,
                  seq_bucket, gpu_key,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -464,6 +504,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_key = offs_m
+    if DROPOUT:
+        row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
     sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
                                                    BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
     for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
@@ -472,8 +515,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
             p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                                    slope, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                    HAS_SINK)
+                                    slope, row_key, drop_threshold, keep_scale, phase != 0, HEAD_DIM, BLOCK_N,
+                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
