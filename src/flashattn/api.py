@@ -171,18 +171,37 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q,
     return cu_seqlens_q.numel() - 1
 
 
+def _global_flags(global_tokens, causal, length: int, device):
+    """int8 flags (length,) from the positions of global tokens, checked; None when there are none."""
+    if global_tokens is None:
+        return None
+    if causal:
+        raise ValueError("global_tokens are bidirectional (Longformer/BigBird: they see and are seen by every "
+                         "position), which causal=True forbids; for keys every causal query sees, use num_sink_tokens")
+    pos = torch.as_tensor(global_tokens)
+    if pos.dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64) or pos.dim() != 1:
+        raise ValueError(f"global_tokens must be a 1-D sequence of integer positions, got {global_tokens!r}")
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= length):
+        raise ValueError(f"global_tokens must be positions in [0, {length}) (the longest sequence), got "
+                         f"{pos.tolist()}")
+    return masks.global_flags(pos.to(device), length, device)
+
+
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0):
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0,
+               global_tokens=None):
     """Checked inputs -> (out, lse). Dense (b, s, h, d) inputs, or packed (total, h, d) ones with cu_seqlens."""
     if cu_seqlens_q is None:
         _check_qkv(q, k, v)
         batch = q.shape[0]
+        longest = max(q.shape[1], k.shape[1])
     else:
         layout = "(total_tokens, nheads, headdim)"
         for name, x in (("q", q), ("k", k), ("v", v)):
             _check_tensor(name, x, layout, ndim=3)
         _check_qkv(q[None], k[None], v[None])
         batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+        longest = max(int(max_seqlen_q), int(max_seqlen_k))
     scale = _check_options(batch, q.shape[-2], q.shape[-1], q.device, dropout_p, softmax_scale, window_size,
                            softcap, alibi_slopes)
     if not isinstance(num_sink_tokens, numbers.Integral) or isinstance(num_sink_tokens, bool) or num_sink_tokens < 0:
@@ -192,9 +211,11 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         alibi_slopes = alibi_slopes.float()
     # sinks only widen a window's left limit: without one every key is visible already
     num_sink = int(num_sink_tokens) if left >= 0 else 0
+    flags = _global_flags(global_tokens, bool(causal), longest, q.device)
     seed = dropout.draw_seed() if dropout_p > 0.0 else None
     out, lse = ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, choose_backend(q))
+                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, flags,
+                       choose_backend(q))
     return out, lse, seed
 
 
@@ -208,7 +229,8 @@ def _result(out, lse, return_attn_probs, probs=None):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, num_sink_tokens=0):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, num_sink_tokens=0,
+                    global_tokens=None):
     """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile.
 
     Arguments:
@@ -245,6 +267,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         num_sink_tokens: int. Attention sinks (StreamingLLM): the first num_sink_tokens keys are
             exempt from the window's left limit, so with window_size=(w, 0) and causal=True each
             query sees the sinks plus its last w + 1 keys. No effect without a left limit.
+        global_tokens: 1-D integer positions (shared by the batch) of global tokens (Longformer/
+            BigBird): they see every key and every query sees them, on top of the window. Not with
+            causal=True. Today they switch block skipping off (the cost of full attention).
     Return:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
@@ -252,12 +277,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         S_dmask [if return_attn_probs]: the probabilities above, or None.
     """
     out, lse, seed = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                num_sink_tokens=num_sink_tokens)
+                                num_sink_tokens=num_sink_tokens, global_tokens=global_tokens)
     probs = None
     if return_attn_probs and seed is not None:   # for testing: the (b, h, sq, sk) matrix that multiplied v
         with torch.no_grad():
             probs = attention_ref(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, torch.float32,
-                                  num_sink_tokens, dropout_p, int(seed), return_probs=True)[2]
+                                  num_sink_tokens, dropout_p, int(seed), return_probs=True,
+                                  global_tokens=global_tokens)[2]
     return _result(out, lse, return_attn_probs, probs)
 
 
@@ -269,7 +295,7 @@ def _check_packed(name: str, x, n: int, layout: str, ndim: int = 5):
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                              num_sink_tokens=0):
+                              num_sink_tokens=0, global_tokens=None):
     """Self-attention with q, k, v packed in one tensor.
 
     qkv: (batch, seqlen, 3, nheads, headdim). Other arguments and the return as in flash_attn_func.
@@ -277,12 +303,13 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """
     _check_packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens)
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens,
+                           global_tokens)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                             num_sink_tokens=0):
+                             num_sink_tokens=0, global_tokens=None):
     """Attention with k and v packed in one tensor.
 
     q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim).
@@ -290,12 +317,13 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """
     _check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
-                           softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens)
+                           softcap, alibi_slopes, deterministic, return_attn_probs, num_sink_tokens, global_tokens)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, num_sink_tokens=0):
+                           deterministic=False, return_attn_probs=False, block_table=None, num_sink_tokens=0,
+                           global_tokens=None):
     """Attention over a packed batch of sequences of different lengths (no padding).
 
     Arguments:
@@ -317,7 +345,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
                                   "pass contiguous k and v")
     out, lse, _ = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens)
+                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens, global_tokens)
     return _result(out, lse, return_attn_probs)
 
 

@@ -10,7 +10,8 @@ bottom-right corner of the (seqlen_q, seqlen_k) score matrix. A window ``(left, 
 i see the keys j with ``diag(i) - left <= j <= diag(i) + right``; ``-1`` means unlimited on that
 side. Causal attention is the window ``(left, 0)``. Attention sinks (StreamingLLM): the first
 ``num_sink`` keys are exempt from the left limit (still subject to the right one, so a causal
-query never sees a future sink)::
+query never sees a future sink). Global tokens (Longformer/BigBird): a query at a global position
+sees every key and a key at a global position is seen by every query (bidirectional models only)::
 
     causal, seqlen_q = 2, seqlen_k = 5      causal, seqlen_q = 5, seqlen_k = 2
         1 1 1 1 0                               0 0     <- rows that see no key
@@ -22,7 +23,7 @@ query never sees a future sink)::
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -37,26 +38,41 @@ def window_bounds(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]
     return left, right
 
 
-def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int, num_sink: int = 0) -> torch.Tensor:
+def visible(q_idx, k_idx, seqlen_q: int, seqlen_k: int, left: int, right: int, num_sink: int = 0,
+            global_flags: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean tensor: may query ``q_idx`` see key ``k_idx``? Indices broadcast against each other.
 
     q_idx, k_idx: integer tensors of positions within the sequence (e.g. shapes (M, 1) and (1, N)).
+    global_flags: (n,) bool or int8, n >= max(seqlen_q, seqlen_k): True at global positions.
     """
     diag = q_idx + (seqlen_k - seqlen_q)
-    ok = (k_idx >= 0) & (k_idx < seqlen_k) & (q_idx >= 0) & (q_idx < seqlen_q)   # broadcast over both
+    in_range = (k_idx >= 0) & (k_idx < seqlen_k) & (q_idx >= 0) & (q_idx < seqlen_q)   # broadcast over both
+    ok = in_range
     if left >= 0:
         ok_left = k_idx >= diag - left
         ok = ok & (ok_left | (k_idx < num_sink) if num_sink > 0 else ok_left)
     if right >= 0:
         ok = ok & (k_idx <= diag + right)
+    if global_flags is not None:
+        g = global_flags.bool()
+        last = g.numel() - 1
+        ok = ok | (in_range & (g[q_idx.clamp(0, last)] | g[k_idx.clamp(0, last)]))
     return ok
 
 
-def mask_matrix(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, num_sink: int = 0) -> torch.Tensor:
+def global_flags(positions, length: int, device=None) -> torch.Tensor:
+    """(length,) int8 flags, 1 at the given global positions."""
+    flags = torch.zeros(length, dtype=torch.int8, device=device)
+    flags[torch.as_tensor(positions, dtype=torch.long, device=device)] = 1
+    return flags
+
+
+def mask_matrix(seqlen_q: int, seqlen_k: int, left: int, right: int, device=None, num_sink: int = 0,
+                global_flags: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(seqlen_q, seqlen_k) boolean matrix of `visible`."""
     qi = torch.arange(seqlen_q, device=device)[:, None]
     kj = torch.arange(seqlen_k, device=device)[None, :]
-    return visible(qi, kj, seqlen_q, seqlen_k, left, right, num_sink)
+    return visible(qi, kj, seqlen_q, seqlen_k, left, right, num_sink, global_flags)
 
 
 def key_range(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Tuple[int, int]:
@@ -71,9 +87,11 @@ def key_range(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, rig
 
 
 def key_ranges(q_lo: int, q_hi: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
-               num_sink: int = 0) -> List[Tuple[int, int]]:
+               num_sink: int = 0, has_global: bool = False) -> List[Tuple[int, int]]:
     """The non-empty key ranges some query in [q_lo, q_hi) may see: the sinks left of the window, then
-    `key_range`."""
+    `key_range`. Global tokens can be anywhere: then every key (no skipping yet)."""
+    if has_global:
+        return [(0, seqlen_k)] if seqlen_k > 0 else []
     k_lo, k_hi = key_range(q_lo, q_hi, seqlen_q, seqlen_k, left, right)
     sink_hi = min(num_sink, k_lo, k_hi)
     return [(lo, hi) for lo, hi in ((0, sink_hi), (k_lo, k_hi)) if hi > lo]

@@ -26,6 +26,7 @@ def attention_ref(
     dropout_seed: int = 0,
     batch_offset: int = 0,
     return_probs: bool = False,
+    global_tokens=None,
 ):
     """softmax(q kᵀ · scale) v, the plain way.
 
@@ -35,6 +36,7 @@ def attention_ref(
     num_sink_tokens: the first keys that every query sees regardless of the window's left limit.
     dropout_p, dropout_seed: drop probabilities with flashattn.dropout's mask for this seed (batch
         entry b counts as batch_offset + b there) and rescale the kept ones by 1 / (1 - dropout_p).
+    global_tokens: positions (ints) that see every key and are seen by every query.
     return_probs: also return the probabilities (b, h, sq, sk) as they multiply v: dropped ones 0.
     compute_dtype: float64 (the oracle), float32, or None to compute in the inputs' own dtype (the
     "same naive math in the input dtype" of the tolerance rule).
@@ -61,7 +63,8 @@ def attention_ref(
         slopes = slopes[None] if slopes.dim() == 1 else slopes             # (1 or b, h)
         s = s + masks.alibi_bias(slopes, qi, kj, sq, sk)
     left, right = masks.window_bounds(causal, window_size)
-    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right, num_sink_tokens), float("-inf"))
+    flags = None if global_tokens is None else masks.global_flags(global_tokens, max(sq, sk), q.device)
+    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right, num_sink_tokens, flags), float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)                # empty rows: exp(-inf - 0) = 0
     e = torch.exp(s - m)

@@ -102,14 +102,16 @@ class _Geometry(NamedTuple):
     dropout_p: float
     seed: int
     batch_offset: int   # index of batch entry 0 in the dropout hash (a sequence of a packed batch)
+    global_flags: Optional[torch.Tensor]
 
 
-def _geometry(q, k, window_left, window_right, num_sink=0, dropout_p=0.0, seed=0, batch_offset=0) -> _Geometry:
+def _geometry(q, k, window_left, window_right, num_sink=0, dropout_p=0.0, seed=0, batch_offset=0,
+              global_flags=None) -> _Geometry:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right, num_sink, dropout_p, seed,
-                     batch_offset)
+                     batch_offset, global_flags)
 
 
 def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
@@ -155,8 +157,8 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
     if slopes is not None:   # (b|1, hk, g, 1, 1) · (bq, bk) -> (b|1, hk, g·bq, bk)
         bias = masks.alibi_bias(slopes.squeeze(-1), qi, kj, geo.sq, geo.sk)
         s = s + bias.reshape(bias.shape[0], geo.hk, geo.g * (q1 - q0), k1 - k0)
-    if not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
-        hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink)
+    if geo.global_flags is not None or not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
+        hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink, geo.global_flags)
         s = s.masked_fill_(hidden.repeat(geo.g, 1), float("-inf"))
     return s, t
 
@@ -175,7 +177,8 @@ def _dropout_scale(q0, q1, k0, k1, geo: _Geometry, device) -> Optional[torch.Ten
 
 def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
     """[k0, k1) tiles of the keys queries [q0, q1) may see (masks.key_ranges: sinks, then the window)."""
-    for lo, hi in masks.key_ranges(q0, q1, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink):
+    for lo, hi in masks.key_ranges(q0, q1, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink,
+                                   geo.global_flags is not None):
         for k0 in range(lo, hi, block_k):
             yield k0, min(k0 + block_k, hi)
 
@@ -183,12 +186,13 @@ def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
 def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: int = -1,
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
             dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
+            global_flags: Optional[torch.Tensor] = None,
             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
 
     block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
-    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
@@ -211,6 +215,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
              dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
+             global_flags: Optional[torch.Tensor] = None,
              block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
@@ -218,7 +223,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
-    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags)
     block_q = _block_q(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)

@@ -42,7 +42,7 @@ def _gpu_key(device_index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # configurations: data, pruned by a small keep() per kernel
 
-_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT"]
+_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT", "HAS_GLOBAL"]
 
 
 def _smem_ok(bm, bn, bd, stages) -> bool:
@@ -169,11 +169,11 @@ def _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Bat
                   cu_seqlens_q, cu_seqlens_k)
 
 
-def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p):
+def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags):
     return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
                 HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0,
-                DROPOUT=dropout_p > 0.0)
+                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None)
 
 
 def _alibi_args(q, alibi_slopes):
@@ -191,7 +191,7 @@ def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, sof
 
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0, dropout_p=0.0,
-            dropout_seed=0):
+            dropout_seed=0, global_flags=None):
     """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
     Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
     lse is float32."""
@@ -201,24 +201,27 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     lse = bt.new_lse(q, q.shape[0])
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
-    args = (q, k, v, out, lse, alibi, cu_q, cu_k, *bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(out),
+    glob = q if global_flags is None else global_flags   # any pointer when there are none
+    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(out),
             *bt.lse_strides(lse), stride_ab, bt.nheads,
             *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed))
     _launch("fwd", bt.seqlen_q, bt.batch * bt.nheads, args,
-            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p))
+            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p,
+                         global_flags))
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
-             dropout_p=0.0, dropout_seed=0):
+             dropout_p=0.0, dropout_seed=0, global_flags=None):
     """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
     _check(q)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     d = q.shape[-1]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p)
+    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags)
+    glob = q if global_flags is None else global_flags
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     # Δ = rowsum(dO ∘ O) row by row: a packed batch is one long sequence here, whose Δ has lse's layout
@@ -233,9 +236,9 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
-            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, *inputs, *bt.strides(dk), *bt.strides(dv),
+            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *inputs, *bt.strides(dk), *bt.strides(dv),
              *bt.lse_strides(lse), stride_ab, bt.nheads_k, *tail), meta)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
-            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, *inputs, *bt.strides(dq),
+            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *inputs, *bt.strides(dq),
              *bt.lse_strides(lse), stride_ab, bt.nheads, *tail), meta)
     return dq, dk, dv

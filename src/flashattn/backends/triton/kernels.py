@@ -31,11 +31,12 @@ def _cdiv_floor(a, b):
 
 
 @triton.jit
-def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT: tl.constexpr,
-             HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
-    """masks.visible in tl: q_idx, k_idx broadcast to a (rows, cols) tile."""
+def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, q_global, k_global, HAS_LEFT: tl.constexpr,
+             HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+    """masks.visible in tl: q_idx, k_idx (and the global flags of those positions) broadcast to a tile."""
     diag = q_idx + (seqlen_k - seqlen_q)
-    ok = (k_idx < seqlen_k) & (q_idx < seqlen_q)
+    in_range = (k_idx < seqlen_k) & (q_idx < seqlen_q)
+    ok = in_range
     if HAS_LEFT:
         if HAS_SINK:   # sinks are exempt from the left limit only
             ok = ok & ((k_idx >= diag - left) | (k_idx < num_sink))
@@ -43,7 +44,15 @@ def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT: 
             ok = ok & (k_idx >= diag - left)
     if HAS_RIGHT:
         ok = ok & (k_idx <= diag + right)
+    if HAS_GLOBAL:   # global positions see, and are seen by, every position
+        ok = ok | (in_range & (q_global | k_global))
     return ok
+
+
+@triton.jit
+def _global_flags(Glob, idx, n):
+    """The global-token flags of positions idx (False past n)."""
+    return tl.load(Glob + idx, mask=idx < n, other=0) != 0
 
 
 @triton.jit
@@ -84,7 +93,7 @@ def _scores(qk, q_idx, k_idx, seqlen_q, seqlen_k, sm_scale, softcap, slope,
 
 @triton.jit
 def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_GLOBAL: tl.constexpr):
     """Key-block bounds for queries [start_m, start_m + BLOCK_M): sink_hi <= lo <= full_lo <= full_hi <= hi,
     all multiples of BLOCK_N except hi. [lo, hi) holds every key of the window some row may see
     (masks.key_range); [full_lo, full_hi) the blocks every row sees whole (masks.block_is_full);
@@ -110,6 +119,8 @@ def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.c
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    if HAS_GLOBAL:   # global keys can be anywhere: every block, all masked (masks.key_ranges)
+        lo, full_lo, full_hi, hi = zero, zero, zero, zero + seqlen_k
     sink_hi = zero
     if HAS_SINK:
         sink_hi = tl.minimum(tl.cdiv(num_sink, BLOCK_N) * BLOCK_N, lo)
@@ -118,7 +129,7 @@ def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.c
 
 @triton.jit
 def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr):
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_GLOBAL: tl.constexpr):
     """Query-block bounds for keys [start_n, start_n + BLOCK_N), the mirror of _kv_blocks
     (masks.query_range): key j is seen by rows diag⁻¹(j) - right <= i <= diag⁻¹(j) + left."""
     off = seqlen_k - seqlen_q
@@ -142,6 +153,8 @@ def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.co
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    if HAS_GLOBAL:
+        lo, full_lo, full_hi, hi = zero, zero, zero, zero + seqlen_q
     return lo, full_lo, full_hi, hi
 
 
@@ -167,10 +180,10 @@ def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                    row_key, drop_threshold, keep_scale,
+                    row_key, drop_threshold, keep_scale, Glob, q_global,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -187,7 +200,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                        SOFTCAP, HAS_ALIBI)
         # -- update m_i: rows that have seen only masked keys keep m = -inf; shift them by 0 instead
         if MASK:
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+            k_global = cols
+            if HAS_GLOBAL:
+                k_global = _global_flags(Glob, cols, seqlen_k)
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
+                          k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -213,7 +230,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
+def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
@@ -224,7 +241,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
               seq_bucket, gpu_key,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
@@ -258,8 +275,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
     row_key = offs_m
     if DROPOUT:
         row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
+    q_global = offs_m
+    if HAS_GLOBAL:
+        q_global = _global_flags(Glob, offs_m, seqlen_q)
     sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
-                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
     # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
     # Then the masked edges of the window, then the sink blocks left of it.
     for phase in tl.static_range(4):
@@ -268,9 +288,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK,
             p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                             stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
-                                            softcap, slope, row_key, drop_threshold, keep_scale, phase != 0,
-                                            HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                            HAS_SINK, DROPOUT)
+                                            softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
+                                            phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                            HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -308,10 +328,11 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                         slope, seed, bh, drop_threshold, keep_scale,
+                         slope, seed, bh, drop_threshold, keep_scale, Glob, k_global,
                          MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
+                         HAS_GLOBAL: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
@@ -339,7 +360,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                          SOFTCAP, HAS_ALIBI)
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASK:
-            ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+            q_global = rows
+            if HAS_GLOBAL:
+                q_global = _global_flags(Glob, rows, seqlen_q)
+            ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, q_global[None, :],
+                          k_global[:, None], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
@@ -360,7 +385,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
@@ -373,7 +398,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
                    seq_bucket, gpu_key,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -395,7 +420,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N,
-                                         HAS_LEFT, HAS_RIGHT, HAS_SINK)
+                                         HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+    k_global = offs_n
+    if HAS_GLOBAL:
+        k_global = _global_flags(Glob, offs_n, seqlen_k)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         Q_bh = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
@@ -411,8 +439,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                           offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
                                           sm_scale, softcap, slope, seed, off_b * nheads_k * GROUP + off_h,
-                                          drop_threshold, keep_scale, phase != 0, HEAD_DIM, BLOCK_M, HAS_LEFT,
-                                          HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT)
+                                          drop_threshold, keep_scale, Glob, k_global, phase != 0, HEAD_DIM, BLOCK_M,
+                                          HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -423,10 +451,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                       row_key, drop_threshold, keep_scale,
+                       row_key, drop_threshold, keep_scale, Glob, q_global,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr):
+                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
@@ -445,7 +473,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                        SOFTCAP, HAS_ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+            k_global = cols
+            if HAS_GLOBAL:
+                k_global = _global_flags(Glob, cols, seqlen_k)
+            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
+                          k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
@@ -460,7 +492,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
@@ -472,7 +504,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
                  seq_bucket, gpu_key,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -507,16 +539,19 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK,
     row_key = offs_m
     if DROPOUT:
         row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
+    q_global = offs_m
+    if HAS_GLOBAL:
+        q_global = _global_flags(Glob, offs_m, seqlen_q)
     sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
-                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK)
+                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
     for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
         if phase < 3 or HAS_SINK:
             p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
             p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                                    slope, row_key, drop_threshold, keep_scale, phase != 0, HEAD_DIM, BLOCK_N,
-                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT)
+                                    slope, row_key, drop_threshold, keep_scale, Glob, q_global, phase != 0, HEAD_DIM,
+                                    BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
