@@ -173,6 +173,33 @@ def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     return q_start, k_start, seqlen_q, seqlen_k
 
 
+@triton.jit
+def _phase_bounds(bounds, phase: tl.constexpr):
+    """[lo, hi) of loop phase 0 (the blocks seen whole: no mask), 1 and 2 (the masked edges of the
+    window), 3 (the sink blocks left of it), from bounds = (sink_hi, lo, full_lo, full_hi, hi)."""
+    sink_hi, lo, full_lo, full_hi, hi = bounds
+    p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
+    p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
+    return p_lo, p_hi
+
+
+@triton.jit
+def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, right, num_sink,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+    """What a query block needs before its key loop (forward and dQ): the dropout row keys, the rows'
+    global flags, and the key-block bounds of `_kv_blocks`."""
+    row_key = offs_m
+    if DROPOUT:
+        row_key = _row_keys(seed, bh, offs_m)
+    q_global = offs_m
+    if HAS_GLOBAL:
+        q_global = _global_flags(Glob, offs_m, seqlen_q)
+    bounds = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                        HAS_SINK, HAS_GLOBAL)
+    return row_key, q_global, bounds
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 
@@ -272,20 +299,14 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_key = offs_m
-    if DROPOUT:
-        row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
-    q_global = offs_m
-    if HAS_GLOBAL:
-        q_global = _global_flags(Glob, offs_m, seqlen_q)
-    sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
-                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+    row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
+                                             seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                             HAS_SINK, DROPOUT, HAS_GLOBAL)
     # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
     # Then the masked edges of the window, then the sink blocks left of it.
     for phase in tl.static_range(4):
         if phase < 3 or HAS_SINK:
-            p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
-            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
+            p_lo, p_hi = _phase_bounds(bounds, phase)
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                             stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
                                             softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
@@ -434,8 +455,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob,
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h)
         for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
-            p_lo = full_lo if phase == 0 else (lo if phase == 1 else full_hi)
-            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else hi)
+            p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                           offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
                                           sm_scale, softcap, slope, seed, off_b * nheads_k * GROUP + off_h,
@@ -536,18 +556,12 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob,
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_key = offs_m
-    if DROPOUT:
-        row_key = _row_keys(seed, off_b * nheads + off_h, offs_m)
-    q_global = offs_m
-    if HAS_GLOBAL:
-        q_global = _global_flags(Glob, offs_m, seqlen_q)
-    sink_hi, lo, full_lo, full_hi, hi = _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M,
-                                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+    row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
+                                             seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                             HAS_SINK, DROPOUT, HAS_GLOBAL)
     for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
         if phase < 3 or HAS_SINK:
-            p_lo = full_lo if phase == 0 else (lo if phase == 1 else (full_hi if phase == 2 else 0 * lo))
-            p_hi = full_hi if phase == 0 else (full_lo if phase == 1 else (hi if phase == 2 else sink_hi))
+            p_lo, p_hi = _phase_bounds(bounds, phase)
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                                     slope, row_key, drop_threshold, keep_scale, Glob, q_global, phase != 0, HEAD_DIM,
