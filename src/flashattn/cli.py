@@ -56,6 +56,9 @@ def info() -> int:
     else:
         rows.append(("Triton usable", "importable, but needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret on CPU)"))
     rows.append(("FLASHATTN_BACKEND", os.environ.get("FLASHATTN_BACKEND") or "unset (flashattn chooses)"))
+    tuning = "off (FLASHATTN_AUTOTUNE=0: one config per kernel)" if os.environ.get("FLASHATTN_AUTOTUNE") == "0" else "on"
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    rows.append(("autotuning", f"{tuning}; results cached by Triton under {cache}"))
     probes = [("CPU float32", torch.empty(1, 1, 1, 8))]
     if cuda:
         probes.append(("CUDA bfloat16", torch.empty(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)))
