@@ -166,14 +166,15 @@ def _grads(out, inputs: Sequence[torch.Tensor], dout) -> Tuple[torch.Tensor, ...
 
 def reference_results(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, softcap=0.0,
                       alibi_slopes=None, dout=None, compute_dtype: Optional[torch.dtype] = torch.float64,
-                      num_sink_tokens: int = 0, global_tokens=None) -> Dict[str, torch.Tensor]:
+                      num_sink_tokens: int = 0, global_tokens=None, block_mask=None) -> Dict[str, torch.Tensor]:
     """out, lse (and dq, dk, dv when dout is given) of attention_ref in `compute_dtype` (None = inputs' dtype)."""
     dt = compute_dtype or q.dtype
     leaves = [x.detach().to(dt).requires_grad_(dout is not None) for x in (q, k, v)]
     with torch.enable_grad():
         out, lse = attention_ref(*leaves, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                  softcap=softcap, alibi_slopes=alibi_slopes, compute_dtype=compute_dtype,
-                                 num_sink_tokens=num_sink_tokens, global_tokens=global_tokens)
+                                 num_sink_tokens=num_sink_tokens, global_tokens=global_tokens,
+                                 block_mask=block_mask)
         res = {"out": out.detach(), "lse": lse.detach()}
         if dout is not None:
             res["dq"], res["dk"], res["dv"] = (g.detach() for g in _grads(out, leaves, dout.to(dt)))
@@ -183,7 +184,7 @@ def reference_results(q, k, v, causal=False, window_size=(-1, -1), softmax_scale
 def run_and_compare(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     window_size=(-1, -1), softmax_scale: Optional[float] = None, softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, num_sink_tokens: int = 0, global_tokens=None,
-                    check_grads: bool = True,
+                    block_mask=None, check_grads: bool = True,
                     dout: Optional[torch.Tensor] = None, seed: int = 0, name: str = "",
                     **fn_kwargs) -> Dict[str, torch.Tensor]:
     """Run ``fn(q, k, v, ..., return_attn_probs=True) -> (out, lse[, probs])`` and check out, lse and
@@ -204,6 +205,8 @@ def run_and_compare(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         fn_kwargs = dict(fn_kwargs, num_sink_tokens=num_sink_tokens)
     if global_tokens is not None:
         fn_kwargs = dict(fn_kwargs, global_tokens=global_tokens)
+    if block_mask is not None:
+        fn_kwargs = dict(fn_kwargs, block_mask=block_mask)
     res = fn(qd, kd, vd, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
              alibi_slopes=alibi_slopes, return_attn_probs=True, **fn_kwargs)
     out, lse = res[0], res[1]
@@ -219,7 +222,7 @@ def run_and_compare(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         dout = torch.randn(out.shape, generator=g, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
     opts = dict(causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
                 alibi_slopes=alibi_slopes, dout=dout if check_grads else None, num_sink_tokens=num_sink_tokens,
-                global_tokens=global_tokens)
+                global_tokens=global_tokens, block_mask=block_mask)
     ref = reference_results(q, k, v, compute_dtype=torch.float64, **opts)
     pt = reference_results(q, k, v, compute_dtype=None, **opts)
 

@@ -343,12 +343,12 @@ def _opcheck_args():
     q, k, v = make_qkv(2, 19, 27, 4, 2, 16, fp32, seed=13)
     alibi = _slopes("h", 2, 4)
     return {
-        "plain": (q, k, v, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "torch"),
+        "plain": (q, k, v, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "torch"),
         "mha-causal": (q, k[:, :, [0, 0, 1, 1]].contiguous(), v[:, :, [0, 0, 1, 1]].contiguous(),
-                       0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "torch"),
+                       0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "torch"),
         "gqa-window-softcap-alibi-grad": (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
-                                          0.4, 5, 2, 3.0, alibi, None, None, 0, 0, 0, 0.0, None, None, "torch"),
-        "reference-backend": (q, k, v, 0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "reference"),
+                                          0.4, 5, 2, 3.0, alibi, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "torch"),
+        "reference-backend": (q, k, v, 0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "reference"),
     }
 
 
@@ -358,9 +358,9 @@ def test_opcheck_fwd(which):
 
 
 def _bwd_args(q, k, v):
-    out, lse = torch.ops.flashattn.fwd(q, k, v, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "torch")
+    out, lse = torch.ops.flashattn.fwd(q, k, v, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "torch")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(14))
-    return (dout, q, k, v, out, lse, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "torch")
+    return (dout, q, k, v, out, lse, 0.25, -1, -1, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "torch")
 
 
 @pytest.mark.parametrize("hk", [1, 2])

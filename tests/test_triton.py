@@ -84,7 +84,7 @@ def test_interpreter_backward_is_deterministic(triton_backend):
 @interp
 def test_interpreter_opcheck(triton_backend):
     q, k, v = make_qkv(1, 20, 20, 2, 1, 16, torch.float16, requires_grad=True, seed=5)
-    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "triton"),
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.25, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "triton"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -180,4 +180,4 @@ def test_gpu_compile_and_opcheck(triton_backend):
     ga = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     gb = torch.autograd.grad(f(q, k, v), (q, k, v))
     assert all(torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2) for x, y in zip(ga, gb))
-    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.125, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, "triton"))
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, 0.125, -1, 0, 0.0, None, None, None, 0, 0, 0, 0.0, None, None, None, None, None, "triton"))

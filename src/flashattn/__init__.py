@@ -14,12 +14,14 @@ from .api import (
     scaled_dot_product_attention,
 )
 from . import nn, padding
+from .blocksparse import BlockMask
 from .padding import pad_input, unpad_input
 from .reference import attention_ref
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "attention_ref",
     "choose_backend",
     "flash_attn_func",

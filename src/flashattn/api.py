@@ -12,6 +12,7 @@ import os
 import torch
 
 from . import dropout, masks, ops
+from .blocksparse import BlockMask
 from .reference import attention_ref
 
 MAX_HEADDIM = 256
@@ -187,9 +188,26 @@ def _global_flags(global_tokens, causal, length: int, device):
     return masks.global_flags(pos.to(device), length, device)
 
 
+def _block_mask_tensors(block_mask, q, k, varlen: bool):
+    """(layout, partial_id, partial) of a checked BlockMask, or three Nones."""
+    if block_mask is None:
+        return None, None, None
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a flashattn.BlockMask (BlockMask.from_mask_mod or .from_layout), "
+                        f"got {type(block_mask).__name__}")
+    if varlen:
+        raise NotImplementedError("block_mask with a packed (varlen) batch is not supported yet; use the padded "
+                                  "flash_attn_func, or express the sequence boundaries in mask_mod")
+    block_mask.check_for(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    if block_mask.layout.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.layout.device} but q is on {q.device}; "
+                         "use block_mask.to(q.device)")
+    return block_mask.layout, block_mask.partial_id, block_mask.partial
+
+
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0,
-               global_tokens=None):
+               global_tokens=None, block_mask=None):
     """Checked inputs -> (out, lse). Dense (b, s, h, d) inputs, or packed (total, h, d) ones with cu_seqlens."""
     if cu_seqlens_q is None:
         _check_qkv(q, k, v)
@@ -212,9 +230,10 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     # sinks only widen a window's left limit: without one every key is visible already
     num_sink = int(num_sink_tokens) if left >= 0 else 0
     flags = _global_flags(global_tokens, bool(causal), longest, q.device)
+    blocks = _block_mask_tensors(block_mask, q, k, cu_seqlens_q is not None)
     seed = dropout.draw_seed() if dropout_p > 0.0 else None
     out, lse = ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, flags,
+                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, flags, *blocks,
                        choose_backend(q))
     return out, lse, seed
 
@@ -230,7 +249,7 @@ def _result(out, lse, return_attn_probs, probs=None):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, num_sink_tokens=0,
-                    global_tokens=None):
+                    global_tokens=None, block_mask=None):
     """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile.
 
     Arguments:
@@ -270,6 +289,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         global_tokens: 1-D integer positions (shared by the batch) of global tokens (Longformer/
             BigBird): they see every key and every query sees them, on top of the window. Not with
             causal=True. Today they switch block skipping off (the cost of full attention).
+        block_mask: a flashattn.BlockMask (from a FlexAttention-style mask_mod(b, h, q_idx, kv_idx) or
+            a boolean block layout), ANDed with the other masks; absent tiles are skipped. PyTorch
+            path only for now (the Triton kernels raise NotImplementedError).
     Return:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
@@ -277,13 +299,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         S_dmask [if return_attn_probs]: the probabilities above, or None.
     """
     out, lse, seed = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                num_sink_tokens=num_sink_tokens, global_tokens=global_tokens)
+                                num_sink_tokens=num_sink_tokens, global_tokens=global_tokens, block_mask=block_mask)
     probs = None
     if return_attn_probs and seed is not None:   # for testing: the (b, h, sq, sk) matrix that multiplied v
         with torch.no_grad():
             probs = attention_ref(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, torch.float32,
                                   num_sink_tokens, dropout_p, int(seed), return_probs=True,
-                                  global_tokens=global_tokens)[2]
+                                  global_tokens=global_tokens, block_mask=block_mask)[2]
     return _result(out, lse, return_attn_probs, probs)
 
 
@@ -323,7 +345,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, num_sink_tokens=0,
-                           global_tokens=None):
+                           global_tokens=None, block_mask=None):
     """Attention over a packed batch of sequences of different lengths (no padding).
 
     Arguments:
@@ -345,7 +367,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
                                   "pass contiguous k and v")
     out, lse, _ = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens, global_tokens)
+                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens, global_tokens,
+                             block_mask)
     return _result(out, lse, return_attn_probs)
 
 

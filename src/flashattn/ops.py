@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .blocksparse import BlockMask
 from .masks import lse_dtype
 
 BACKENDS = ("triton", "torch", "reference")
@@ -65,11 +66,17 @@ def _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_q,
     return dq, dk, dv
 
 
-def _extra(num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor]) -> dict:
-    """Keyword options every backend takes: sinks, dropout with its seed as a Python int, global tokens."""
+def _extra(q, k, num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
+           block_mask_tensors) -> dict:
+    """Keyword options every backend takes: sinks, dropout with its seed as a Python int, global tokens,
+    and a block mask, rebuilt from its three tensors (an op's arguments must be tensors or scalars)."""
     extra = {"num_sink": num_sink}
     if global_flags is not None:
         extra["global_flags"] = global_flags
+    layout, partial_id, partial = block_mask_tensors
+    if layout is not None:
+        extra["block_mask"] = BlockMask(layout, partial_id, partial, tuple(partial.shape[1:]), q.shape[-3],
+                                        k.shape[-3])
     if dropout_p > 0.0:
         extra.update(dropout_p=dropout_p, dropout_seed=int(dropout_seed))
     return extra
@@ -80,6 +87,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int,
         softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, num_sink: int,
         dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
+        block_layout: Optional[Tensor], block_partial_id: Optional[Tensor], block_partial: Optional[Tensor],
         backend: str) -> Tuple[Tensor, Tensor]:
     """-> out (like q, contiguous) and lse, float32 (float64 for float64 inputs), in the layouts above."""
     varlen = cu_seqlens_q is not None
@@ -90,7 +98,8 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int,
         return q.new_zeros(q.shape), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
-    extra = _extra(num_sink, dropout_p, dropout_seed, global_flags)
+    extra = _extra(q, k, num_sink, dropout_p, dropout_seed, global_flags,
+                   (block_layout, block_partial_id, block_partial))
     if not varlen:
         out, lse = module.forward(q, k, v, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
@@ -103,7 +112,8 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int,
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
-              cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags, backend):
+              cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags,
+              block_layout, block_partial_id, block_partial, backend):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
 
 
@@ -112,13 +122,15 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
         num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
+        block_layout: Optional[Tensor], block_partial_id: Optional[Tensor], block_partial: Optional[Tensor],
         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (like out) and the saved out, lse."""
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
-    extra = _extra(num_sink, dropout_p, dropout_seed, global_flags)
+    extra = _extra(q, k, num_sink, dropout_p, dropout_seed, global_flags,
+                   (block_layout, block_partial_id, block_partial))
     if cu_seqlens_q is None:
         dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
@@ -133,16 +145,17 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes,
               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags,
-              backend):
+              block_layout, block_partial_id, block_partial, backend):
     # contiguous whatever the inputs' strides (empty_like would copy a transposed input's strides)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, scale, left, right, softcap, alibi_slopes, cu_q, cu_k, max_q, max_k, num_sink, dropout_p,
-     dropout_seed, global_flags, backend) = inputs
+     dropout_seed, global_flags, block_layout, block_partial_id, block_partial, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k, dropout_seed, global_flags)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k, dropout_seed, global_flags, block_layout,
+                          block_partial_id, block_partial)
     ctx.options = (scale, left, right, softcap)
     ctx.max_seqlens = (max_q, max_k)
     ctx.num_sink = num_sink
@@ -152,10 +165,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     # lse is returned for inspection and for merging partial results; gradients flow through out only.
-    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask = ctx.saved_tensors
     dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens, ctx.num_sink,
-                     ctx.dropout_p, seed, global_flags, ctx.backend)
-    return (dq, dk, dv) + (None,) * 14
+                     ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend)
+    return (dq, dk, dv) + (None,) * 17
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -27,6 +27,7 @@ def attention_ref(
     batch_offset: int = 0,
     return_probs: bool = False,
     global_tokens=None,
+    block_mask=None,
 ):
     """softmax(q kᵀ · scale) v, the plain way.
 
@@ -37,6 +38,7 @@ def attention_ref(
     dropout_p, dropout_seed: drop probabilities with flashattn.dropout's mask for this seed (batch
         entry b counts as batch_offset + b there) and rescale the kept ones by 1 / (1 - dropout_p).
     global_tokens: positions (ints) that see every key and are seen by every query.
+    block_mask: a flashattn.BlockMask; its mask is ANDed with the others.
     return_probs: also return the probabilities (b, h, sq, sk) as they multiply v: dropped ones 0.
     compute_dtype: float64 (the oracle), float32, or None to compute in the inputs' own dtype (the
     "same naive math in the input dtype" of the tolerance rule).
@@ -64,7 +66,10 @@ def attention_ref(
         s = s + masks.alibi_bias(slopes, qi, kj, sq, sk)
     left, right = masks.window_bounds(causal, window_size)
     flags = None if global_tokens is None else masks.global_flags(global_tokens, max(sq, sk), q.device)
-    s = s.masked_fill(~masks.visible(qi, kj, sq, sk, left, right, num_sink_tokens, flags), float("-inf"))
+    keep = masks.visible(qi, kj, sq, sk, left, right, num_sink_tokens, flags)
+    if block_mask is not None:
+        keep = keep & block_mask.dense().to(q.device)
+    s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)                # empty rows: exp(-inf - 0) = 0
     e = torch.exp(s - m)

@@ -15,21 +15,23 @@ def _positions(flags):
 
 
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, num_sink=0,
-            dropout_p=0.0, dropout_seed=0, batch_offset=0, global_flags=None):
+            dropout_p=0.0, dropout_seed=0, batch_offset=0, global_flags=None, block_mask=None):
     out, lse = attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes,
                              num_sink_tokens=num_sink, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                             batch_offset=batch_offset, global_tokens=_positions(global_flags))
+                             batch_offset=batch_offset, global_tokens=_positions(global_flags), block_mask=block_mask)
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
-             alibi_slopes=None, num_sink=0, dropout_p=0.0, dropout_seed=0, batch_offset=0, global_flags=None):
+             alibi_slopes=None, num_sink=0, dropout_p=0.0, dropout_seed=0, batch_offset=0, global_flags=None,
+             block_mask=None):
     # Inside a torch.library custom op autograd records nothing (the kernel runs below the Autograd key),
     # so torch.autograd.grad finds no graph; torch.func.vjp is its own transform and works here.
     def f(q, k, v):
         return attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes,
                              num_sink_tokens=num_sink, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                             batch_offset=batch_offset, global_tokens=_positions(global_flags))[0]
+                             batch_offset=batch_offset, global_tokens=_positions(global_flags),
+                             block_mask=block_mask)[0]
 
     _, vjp = torch.func.vjp(f, q.double(), k.double(), v.double())
     return tuple(g.to(x.dtype) for g, x in zip(vjp(dout.double()), (q, k, v)))

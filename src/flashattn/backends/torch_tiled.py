@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import dropout, masks
+from ..blocksparse import BlockMask
 from ..masks import lse_dtype
 
 # Tile sizes. Large tiles amortize Python overhead on the CPU; memory stays O(block_q · block_k).
@@ -26,11 +27,14 @@ BLOCK_K = 512
 TILE_BYTES = 64 * 2**20
 
 
-def _block_q(geo, block_q: Optional[int], block_k: int) -> int:
+def _tiles(geo, block_q: Optional[int], block_k: int) -> Tuple[int, int]:
+    """(block_q, block_k): a block mask's own tiles, else block_q from TILE_BYTES unless given."""
+    if geo.block_mask is not None:
+        return geo.block_mask.block_size
     if block_q is not None:
-        return block_q
+        return block_q, block_k
     rows = TILE_BYTES // (4 * geo.b * geo.hk * geo.g * block_k)
-    return max(16, min(BLOCK_Q, rows))
+    return max(16, min(BLOCK_Q, rows)), block_k
 
 
 class SoftmaxState(NamedTuple):
@@ -103,15 +107,16 @@ class _Geometry(NamedTuple):
     seed: int
     batch_offset: int   # index of batch entry 0 in the dropout hash (a sequence of a packed batch)
     global_flags: Optional[torch.Tensor]
+    block_mask: Optional[BlockMask]
 
 
 def _geometry(q, k, window_left, window_right, num_sink=0, dropout_p=0.0, seed=0, batch_offset=0,
-              global_flags=None) -> _Geometry:
+              global_flags=None, block_mask=None) -> _Geometry:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     return _Geometry(ct, b, sq, sk, hk, h // hk, d, window_left, window_right, num_sink, dropout_p, seed,
-                     batch_offset, global_flags)
+                     batch_offset, global_flags, block_mask)
 
 
 def _q_rows(x: torch.Tensor, q0: int, q1: int, geo: _Geometry) -> torch.Tensor:
@@ -160,6 +165,11 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
     if geo.global_flags is not None or not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
         hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink, geo.global_flags)
         s = s.masked_fill_(hidden.repeat(geo.g, 1), float("-inf"))
+    if geo.block_mask is not None:   # tiles are the block mask's own: (q0, k0) is one of its tiles
+        bq, bk = geo.block_mask.block_size
+        tile = geo.block_mask.tile(q0 // bq, k0 // bk)[..., :q1 - q0, :k1 - k0]          # (B|1, H|1, bq, bk)
+        tile = tile.expand(geo.b, geo.hk * geo.g, q1 - q0, k1 - k0).reshape(geo.b, geo.hk, geo.g * (q1 - q0), k1 - k0)
+        s = s.masked_fill_(~tile, float("-inf"))
     return s, t
 
 
@@ -176,7 +186,14 @@ def _dropout_scale(q0, q1, k0, k1, geo: _Geometry, device) -> Optional[torch.Ten
 
 
 def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
-    """[k0, k1) tiles of the keys queries [q0, q1) may see (masks.key_ranges: sinks, then the window)."""
+    """[k0, k1) tiles of the keys queries [q0, q1) may see (masks.key_ranges: sinks, then the window;
+    with a block mask, its tiles present for some batch entry and head)."""
+    if geo.block_mask is not None:
+        bq, bk = geo.block_mask.block_size
+        present = geo.block_mask.layout[:, :, q0 // bq].flatten(0, 1).any(0)
+        for kb in present.nonzero().flatten().tolist():
+            yield kb * bk, min(kb * bk + bk, geo.sk)
+        return
     for lo, hi in masks.key_ranges(q0, q1, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink,
                                    geo.global_flags is not None):
         for k0 in range(lo, hi, block_k):
@@ -186,14 +203,15 @@ def _key_blocks(q0: int, q1: int, geo: _Geometry, block_k: int):
 def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: int = -1,
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
             dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
-            global_flags: Optional[torch.Tensor] = None,
+            global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
 
     block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
-    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags)
-    block_q = _block_q(geo, block_q, block_k)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags,
+                    block_mask)
+    block_q, block_k = _tiles(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -215,7 +233,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
 def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -1, window_right: int = -1,
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
              dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
-             global_flags: Optional[torch.Tensor] = None,
+             global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
              block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
@@ -223,8 +241,9 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
     With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
     """
-    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags)
-    block_q = _block_q(geo, block_q, block_k)
+    geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags,
+                    block_mask)
+    block_q, block_k = _tiles(geo, block_q, block_k)
     kh, vh = _kv(k, geo), _kv(v, geo)
     slopes = _row_slopes(alibi_slopes, geo)
     # per-row statistics in (b, s, h, 1) so that _q_rows packs them like q

@@ -124,7 +124,10 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta):
         _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
 
 
-def _check(q):
+def _check(q, block_mask=None):
+    if block_mask is not None:
+        raise NotImplementedError("block_mask is not supported by the Triton kernels yet; run it on the PyTorch "
+                                  "path with FLASHATTN_BACKEND=torch")
     if q.dtype not in _SUPPORTED:
         raise TypeError(f"the Triton backend computes in float16 or bfloat16, got {q.dtype}; "
                         "unset FLASHATTN_BACKEND to run float32 on the PyTorch path, or convert the inputs")
@@ -191,11 +194,11 @@ def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, sof
 
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0, dropout_p=0.0,
-            dropout_seed=0, global_flags=None):
+            dropout_seed=0, global_flags=None, block_mask=None):
     """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
     Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
     lse is float32."""
-    _check(q)
+    _check(q, block_mask)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = bt.new_like(q)
     lse = bt.new_lse(q, q.shape[0])
@@ -213,9 +216,9 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
-             dropout_p=0.0, dropout_seed=0, global_flags=None):
+             dropout_p=0.0, dropout_seed=0, global_flags=None, block_mask=None):
     """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
-    _check(q)
+    _check(q, block_mask)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     d = q.shape[-1]
     if dout.stride(-1) != 1:
