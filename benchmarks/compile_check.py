@@ -26,13 +26,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from flashattn.backends.triton import kernels as K  # noqa: E402
 
-_POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Glob": "*i8"}
+_POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32", "Glob": "*i8",
+             "SpCnt": "*i32", "SpIdx": "*i32", "SpPid": "*i32", "SpTile": "*i8"}
 _FLOATS = {"sm_scale", "softcap", "keep_scale"}
 _INT64 = {"seed", "drop_threshold"}
 BASE = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
-            VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_M=128, BLOCK_N=64)
+            VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False, BLOCK_M=128, BLOCK_N=64)
 VARIANTS = [{}, dict(HAS_LEFT=True, HAS_SINK=True), dict(DROPOUT=True), dict(HAS_GLOBAL=True, HAS_LEFT=True),
-            dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True)]
+            dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True), dict(BLOCK_SPARSE=True, HAS_RIGHT=False)]
 KERNELS = {"fwd": (K._attn_fwd, 8), "dkdv": (K._attn_bwd_dkdv, 4), "dq": (K._attn_bwd_dq, 4)}
 
 

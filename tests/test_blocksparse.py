@@ -83,7 +83,7 @@ def test_absent_tiles_are_never_computed(monkeypatch):
     assert sorted(seen) == [(16 * i, 16 * i) for i in range(8)]
 
 
-def test_errors(monkeypatch):
+def test_errors():
     q, k, v = make_qkv(1, 32, 32, 2, 2, 16, torch.float32, seed=4)
     bm = BlockMask.from_mask_mod(MASK_MODS["causal"][0], None, None, 32, 32, (16, 16))
     with pytest.raises(TypeError, match="block_mask must be a flashattn.BlockMask"):
@@ -97,7 +97,43 @@ def test_errors(monkeypatch):
     cu = torch.tensor([0, 32], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="block_mask with a packed"):
         flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 32, 32, block_mask=bm)
-    monkeypatch.setenv("FLASHATTN_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="block_mask is not supported by the Triton kernels yet"):
-        flash_attn_func(q.half(), k.half(), v.half(), block_mask=bm)
     assert "BlockMask" in flashattn.__all__
+
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter tier")
+@pytest.mark.parametrize("name", list(MASK_MODS))
+def test_triton_interpreter_matches_reference(name, monkeypatch):
+    monkeypatch.setenv("FLASHATTN_BACKEND", "triton")
+    mask_mod, nb, nh = MASK_MODS[name]
+    bm = BlockMask.from_mask_mod(mask_mod, nb, nh, 100, 100, (16, 32))
+    q, k, v = make_qkv(2, 100, 100, 4, 2, 16, torch.float16, seed=len(name))
+    run_and_compare(flash_attn_func, q, k, v, block_mask=bm, name=name)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter tier")
+def test_triton_interpreter_layout_with_causal(monkeypatch):
+    monkeypatch.setenv("FLASHATTN_BACKEND", "triton")
+    layout = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)[None, None]
+    bm = BlockMask.from_layout(layout, (16, 16), 40, 60)
+    q, k, v = make_qkv(1, 40, 60, 2, 1, 16, torch.float16, seed=6)
+    run_and_compare(flash_attn_func, q, k, v, block_mask=bm, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("name", list(MASK_MODS))
+def test_triton_gpu_matches_reference(name):
+    mask_mod, nb, nh = MASK_MODS[name]
+    docs = DOCS.repeat_interleave(10, dim=1).cuda()
+
+    def scaled(b, h, q, kv):   # the same patterns at 10x the length
+        if name == "documents-causal":
+            return (docs[b, q] == docs[b, kv]) & (q >= kv)
+        return mask_mod(b, h, q, kv)
+
+    bm = BlockMask.from_mask_mod(scaled, nb, nh, 1000, 1000, (128, 64), device="cuda")
+    q, k, v = make_qkv(2, 1000, 1000, 4, 2, 64, torch.bfloat16, device="cuda", seed=len(name))
+    run_and_compare(flash_attn_func, q, k, v, block_mask=bm, name=name)

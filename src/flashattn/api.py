@@ -290,8 +290,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             BigBird): they see every key and every query sees them, on top of the window. Not with
             causal=True. Today they switch block skipping off (the cost of full attention).
         block_mask: a flashattn.BlockMask (from a FlexAttention-style mask_mod(b, h, q_idx, kv_idx) or
-            a boolean block layout), ANDed with the other masks; absent tiles are skipped. PyTorch
-            path only for now (the Triton kernels raise NotImplementedError).
+            a boolean block layout), ANDed with the other masks; absent tiles are skipped (on the GPU
+            the kernels' tiles are the mask's block_size). Not with varlen batches.
     Return:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the

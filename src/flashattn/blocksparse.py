@@ -119,6 +119,20 @@ class BlockMask:
         if nb not in (1, batch) or nh not in (1, nheads):
             raise ValueError(f"block_mask has (batch, heads) = ({nb}, {nh}); expected 1 or {batch} and 1 or {nheads}")
 
+    def kernel_lists(self):
+        """The index lists the Triton kernels walk (int32, contiguous):
+        kv_count (B|1, H|1, nqb) and kv_index (B|1, H|1, nqb, nkb): the present key blocks of each query
+        block, first kv_count entries; q_count (B|1, H|1, nkb) and q_index (B|1, H|1, nkb, nqb): the
+        query blocks of each key block (for dK/dV); partial_id (B|1, H|1, nqb, nkb) and the partial
+        tiles as int8 (n_partial, block_q, block_k)."""
+        def lists(present):   # present blocks first, in increasing order
+            order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)
+            return present.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
+        kv_count, kv_index = lists(self.layout)
+        q_count, q_index = lists(self.layout.transpose(-1, -2))
+        return (kv_count, kv_index, q_count, q_index, self.partial_id.to(torch.int32).contiguous(),
+                self.partial.to(torch.int8).contiguous())
+
     def to(self, device) -> "BlockMask":
         return BlockMask(self.layout.to(device), self.partial_id.to(device), self.partial.to(device),
                          self.block_size, self.seqlen_q, self.seqlen_k)

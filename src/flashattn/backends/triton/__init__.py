@@ -42,7 +42,7 @@ def _gpu_key(device_index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # configurations: data, pruned by a small keep() per kernel
 
-_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT", "HAS_GLOBAL"]
+_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT", "HAS_GLOBAL", "BLOCK_SPARSE"]
 
 
 def _smem_ok(bm, bn, bd, stages) -> bool:
@@ -111,9 +111,15 @@ _plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 pinned_configs: dict = {}
 
 
-def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta):
-    """Run `kernel` with autotuning, or with the default config when autotuning is off."""
+def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=None):
+    """Run `kernel` with autotuning, or with the default config when autotuning is off; a block mask
+    fixes the tiles to its own block size."""
     block_d = meta["BLOCK_D"]
+    if block_mask is not None:
+        bq, bk = block_mask.block_size
+        cfg = dict(_default(kernel, block_d), BLOCK_M=bq, BLOCK_N=bk)
+        _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
+        return
     if kernel not in pinned_configs and _autotune_enabled():
         fn = _tuned[kernel]
         grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
@@ -124,10 +130,7 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta):
         _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
 
 
-def _check(q, block_mask=None):
-    if block_mask is not None:
-        raise NotImplementedError("block_mask is not supported by the Triton kernels yet; run it on the PyTorch "
-                                  "path with FLASHATTN_BACKEND=torch")
+def _check(q):
     if q.dtype not in _SUPPORTED:
         raise TypeError(f"the Triton backend computes in float16 or bfloat16, got {q.dtype}; "
                         "unset FLASHATTN_BACKEND to run float32 on the PyTorch path, or convert the inputs")
@@ -172,11 +175,25 @@ def _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Bat
                   cu_seqlens_q, cu_seqlens_k)
 
 
-def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags):
+def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags,
+                 block_mask):
     return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
                 HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0,
-                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None)
+                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None, BLOCK_SPARSE=block_mask is not None)
+
+
+def _sparse_args(q, block_mask, lists: str):
+    """(pointers, ints) of the block-mask lists a kernel walks: 'kv' (forward, dQ) or 'q' (dK/dV)."""
+    if block_mask is None:
+        return (q, q, q, q), (0, 0, 0, 0, 0, 0)
+    kv_count, kv_index, q_count, q_index, partial_id, tiles = block_mask.kernel_lists()
+    count, index = (kv_count, kv_index) if lists == "kv" else (q_count, q_index)
+    nb, nh, nqb, nkb = partial_id.shape
+    # broadcast (batch or head of size 1): stride 0
+    strides = (nh * nqb * nkb if nb > 1 else 0, nqb * nkb if nh > 1 else 0,
+               count.shape[1] * count.shape[2] if nb > 1 else 0, count.shape[2] if nh > 1 else 0)
+    return (count, index, partial_id, tiles if tiles.numel() else partial_id), (*strides, nqb, nkb)
 
 
 def _alibi_args(q, alibi_slopes):
@@ -198,19 +215,20 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
     Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
     lse is float32."""
-    _check(q, block_mask)
+    _check(q)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = bt.new_like(q)
     lse = bt.new_lse(q, q.shape[0])
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
     glob = q if global_flags is None else global_flags   # any pointer when there are none
-    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(out),
-            *bt.lse_strides(lse), stride_ab, bt.nheads,
+    sp_ptrs, sp_ints = _sparse_args(q, block_mask, "kv")
+    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, *bt.strides(q), *bt.strides(k), *bt.strides(v),
+            *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
             *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed))
     _launch("fwd", bt.seqlen_q, bt.batch * bt.nheads, args,
             _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p,
-                         global_flags))
+                         global_flags, block_mask), block_mask)
     return out, lse
 
 
@@ -218,12 +236,13 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
              dropout_p=0.0, dropout_seed=0, global_flags=None, block_mask=None):
     """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
-    _check(q, block_mask)
+    _check(q)
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     d = q.shape[-1]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags)
+    meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags,
+                        block_mask)
     glob = q if global_flags is None else global_flags
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
@@ -238,10 +257,12 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
     tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
+    q_ptrs, q_ints = _sparse_args(q, block_mask, "q")
+    kv_ptrs, kv_ints = _sparse_args(q, block_mask, "kv")
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
-            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *inputs, *bt.strides(dk), *bt.strides(dv),
-             *bt.lse_strides(lse), stride_ab, bt.nheads_k, *tail), meta)
+            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *q_ptrs, *inputs, *bt.strides(dk),
+             *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail), meta, block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
-            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *inputs, *bt.strides(dq),
-             *bt.lse_strides(lse), stride_ab, bt.nheads, *tail), meta)
+            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, *inputs, *bt.strides(dq),
+             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail), meta, block_mask)
     return dq, dk, dv

@@ -207,10 +207,11 @@ def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, righ
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                    row_key, drop_threshold, keep_scale, Glob, q_global,
+                    row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, has_tile,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                    BLOCK_SPARSE: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -232,6 +233,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                 k_global = _global_flags(Glob, cols, seqlen_k)
             ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
                           k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+            if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
+                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has_tile, other=1) != 0)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -257,18 +260,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob,
+def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
               stride_ob, stride_om, stride_oh,
-              stride_lb, stride_lh, stride_ab,
+              stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
               nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
               seed, drop_threshold, keep_scale,
               seq_bucket, gpu_key,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
@@ -302,16 +306,31 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob,
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                              HAS_SINK, DROPOUT, HAS_GLOBAL)
-    # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
-    # Then the masked edges of the window, then the sink blocks left of it.
-    for phase in tl.static_range(4):
-        if phase < 3 or HAS_SINK:
-            p_lo, p_hi = _phase_bounds(bounds, phase)
-            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
-                                            stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
-                                            softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
-                                            phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                            HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
+    if BLOCK_SPARSE:   # the key blocks the block mask lists for this query block, each masked
+        qb = tl.program_id(0)
+        sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
+        for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)):
+            kb = tl.load(SpIdx + sp + i)
+            pid = tl.load(SpPid + sp + kb)
+            tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
+                                            offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right,
+                                            num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
+                                            Glob, q_global, tile_ptrs, pid >= 0, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
+                                            BLOCK_SPARSE)
+    else:
+        # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
+        # Then the masked edges of the window, then the sink blocks left of it.
+        for phase in tl.static_range(4):
+            if phase < 3 or HAS_SINK:
+                p_lo, p_hi = _phase_bounds(bounds, phase)
+                acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
+                                                stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
+                                                sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob,
+                                                q_global, SpTile, False, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                                HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
+                                                BLOCK_SPARSE)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -349,11 +368,11 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                         slope, seed, bh, drop_threshold, keep_scale, Glob, k_global,
-                         MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         slope, seed, bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, tile_stride,
+                         has_tile, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
-                         HAS_GLOBAL: tl.constexpr):
+                         HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
@@ -386,6 +405,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                 q_global = _global_flags(Glob, rows, seqlen_q)
             ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, q_global[None, :],
                           k_global[:, None], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+            if BLOCK_SPARSE:
+                ok = ok & (tl.load(tile_ptrs + offs_m[None, :] * tile_stride, mask=has_tile, other=1) != 0)
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
@@ -406,20 +427,21 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    stride_dob, stride_dom, stride_doh,
                    stride_dkb, stride_dkn, stride_dkh,
                    stride_dvb, stride_dvn, stride_dvh,
-                   stride_lb, stride_lh, stride_ab,
+                   stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
                    nheads_k, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                    seed, drop_threshold, keep_scale,
                    seq_bucket, gpu_key,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -454,13 +476,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob,
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h)
-        for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
-            p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
-                                          offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
-                                          sm_scale, softcap, slope, seed, off_b * nheads_k * GROUP + off_h,
-                                          drop_threshold, keep_scale, Glob, k_global, phase != 0, HEAD_DIM, BLOCK_M,
-                                          HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
+        bh = off_b * nheads_k * GROUP + off_h
+        if BLOCK_SPARSE:   # the query blocks the block mask lists for this key block (BlockMask.kernel_lists)
+            kb = tl.program_id(0)
+            sp = off_b * stride_sb + off_h * stride_sh
+            for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)):
+                qb = tl.load(SpIdx + sp + kb * n_qb + i)
+                pid = tl.load(SpPid + sp + qb * n_kb + kb)
+                tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_N)[:, None]
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, qb * BLOCK_M,
+                                              qb * BLOCK_M + BLOCK_M, offs_n, offs_m, offs_d, stride_qm, stride_dom,
+                                              seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope, seed,
+                                              bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, BLOCK_N,
+                                              pid >= 0, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                              HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
+        else:
+            for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
+                p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
+                                              offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
+                                              sm_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
+                                              k_global, SpTile, BLOCK_N, False, phase != 0, HEAD_DIM, BLOCK_M,
+                                              HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
+                                              BLOCK_SPARSE)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -471,10 +509,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                       row_key, drop_threshold, keep_scale, Glob, q_global,
+                       row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, has_tile,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
+                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                       BLOCK_SPARSE: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
@@ -498,6 +537,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                 k_global = _global_flags(Glob, cols, seqlen_k)
             ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
                           k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+            if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
+                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has_tile, other=1) != 0)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
@@ -512,19 +553,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
                  stride_dob, stride_dom, stride_doh,
                  stride_dqb, stride_dqm, stride_dqh,
-                 stride_lb, stride_lh, stride_ab,
+                 stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
                  nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                  seed, drop_threshold, keep_scale,
                  seq_bucket, gpu_key,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -559,13 +601,27 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob,
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                              HAS_SINK, DROPOUT, HAS_GLOBAL)
-    for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
-        if phase < 3 or HAS_SINK:
-            p_lo, p_hi = _phase_bounds(bounds, phase)
-            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
-                                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                                    slope, row_key, drop_threshold, keep_scale, Glob, q_global, phase != 0, HEAD_DIM,
-                                    BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL)
+    if BLOCK_SPARSE:   # as in the forward
+        qb = tl.program_id(0)
+        sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
+        for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)):
+            kb = tl.load(SpIdx + sp + i)
+            pid = tl.load(SpPid + sp + kb)
+            tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
+                                    offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
+                                    sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
+                                    tile_ptrs, pid >= 0, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                    HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
+    else:
+        for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
+            if phase < 3 or HAS_SINK:
+                p_lo, p_hi = _phase_bounds(bounds, phase)
+                dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
+                                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
+                                        softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpTile,
+                                        False, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
