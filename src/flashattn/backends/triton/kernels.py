@@ -207,7 +207,7 @@ def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, righ
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                    row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, has_tile,
+                    row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, tile_pid,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
@@ -234,7 +234,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
             ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
                           k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
-                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has_tile, other=1) != 0)
+                # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
+                has = (offs_n[None, :] * 0 + tile_pid) >= 0
+                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has, other=1) != 0)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -316,7 +318,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
                                             offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right,
                                             num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
-                                            Glob, q_global, tile_ptrs, pid >= 0, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                            Glob, q_global, tile_ptrs, pid, True, HEAD_DIM, BLOCK_D, BLOCK_N,
                                             HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
                                             BLOCK_SPARSE)
     else:
@@ -328,7 +330,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
                 acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                                 stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
                                                 sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob,
-                                                q_global, SpTile, False, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                                q_global, SpTile, -1, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N,
                                                 HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
                                                 BLOCK_SPARSE)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
@@ -369,7 +371,7 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                          slope, seed, bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, tile_stride,
-                         has_tile, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         tile_pid, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
                          HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr):
@@ -406,7 +408,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
             ok = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, left, right, num_sink, q_global[None, :],
                           k_global[:, None], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             if BLOCK_SPARSE:
-                ok = ok & (tl.load(tile_ptrs + offs_m[None, :] * tile_stride, mask=has_tile, other=1) != 0)
+                has = (offs_m[None, :] * 0 + tile_pid) >= 0
+                ok = ok & (tl.load(tile_ptrs + offs_m[None, :] * tile_stride, mask=has, other=1) != 0)
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
@@ -488,7 +491,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                                               qb * BLOCK_M + BLOCK_M, offs_n, offs_m, offs_d, stride_qm, stride_dom,
                                               seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope, seed,
                                               bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, BLOCK_N,
-                                              pid >= 0, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                              pid, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                               HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
@@ -496,7 +499,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                 dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                               offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
                                               sm_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
-                                              k_global, SpTile, BLOCK_N, False, phase != 0, HEAD_DIM, BLOCK_M,
+                                              k_global, SpTile, BLOCK_N, -1, phase != 0, HEAD_DIM, BLOCK_M,
                                               HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
                                               BLOCK_SPARSE)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
@@ -509,7 +512,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                       row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, has_tile,
+                       row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, tile_pid,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
@@ -538,7 +541,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
             ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
                           k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
-                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has_tile, other=1) != 0)
+                # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
+                has = (offs_n[None, :] * 0 + tile_pid) >= 0
+                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has, other=1) != 0)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
@@ -611,7 +616,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
                                     offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
                                     sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
-                                    tile_ptrs, pid >= 0, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                    tile_ptrs, pid, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                     HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
     else:
         for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
@@ -620,7 +625,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                 dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                         stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
                                         softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpTile,
-                                        False, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        -1, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
