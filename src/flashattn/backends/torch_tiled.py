@@ -162,7 +162,8 @@ def _scores(qs, kb, q0, q1, k0, k1, geo: _Geometry, softcap, slopes):
     if slopes is not None:   # (b|1, hk, g, 1, 1) · (bq, bk) -> (b|1, hk, g·bq, bk)
         bias = masks.alibi_bias(slopes.squeeze(-1), qi, kj, geo.sq, geo.sk)
         s = s + bias.reshape(bias.shape[0], geo.hk, geo.g * (q1 - q0), k1 - k0)
-    if geo.global_flags is not None or not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
+    # global tokens only add visibility: a tile the window sees whole stays whole
+    if not masks.block_is_full(q0, q1, k0, k1, geo.sq, geo.sk, geo.left, geo.right):
         hidden = ~masks.visible(qi, kj, geo.sq, geo.sk, geo.left, geo.right, geo.num_sink, geo.global_flags)
         s = s.masked_fill_(hidden.repeat(geo.g, 1), float("-inf"))
     if geo.block_mask is not None:   # tiles are the block mask's own: (q0, k0) is one of its tiles

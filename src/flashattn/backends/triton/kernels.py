@@ -119,8 +119,8 @@ def _kv_blocks(start_m, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.c
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    if HAS_GLOBAL:   # global keys can be anywhere: every block, all masked (masks.key_ranges)
-        lo, full_lo, full_hi, hi = zero, zero, zero, zero + seqlen_k
+    if HAS_GLOBAL:   # global keys can be anywhere: every block (masks.key_ranges); the window's full blocks
+        lo, hi = zero, zero + seqlen_k   # stay full, since global tokens only add visibility
     sink_hi = zero
     if HAS_SINK:
         sink_hi = tl.minimum(tl.cdiv(num_sink, BLOCK_N) * BLOCK_N, lo)
@@ -154,7 +154,7 @@ def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.co
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     if HAS_GLOBAL:
-        lo, full_lo, full_hi, hi = zero, zero, zero, zero + seqlen_q
+        lo, hi = zero, zero + seqlen_q
     return lo, full_lo, full_hi, hi
 
 
