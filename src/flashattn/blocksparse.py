@@ -125,13 +125,17 @@ class BlockMask:
         block, first kv_count entries; q_count (B|1, H|1, nkb) and q_index (B|1, H|1, nkb, nqb): the
         query blocks of each key block (for dK/dV); partial_id (B|1, H|1, nqb, nkb) and the partial
         tiles as int8 (n_partial, block_q, block_k)."""
+        if getattr(self, "_lists", None) is not None:   # one argsort per mask, not per kernel launch
+            return self._lists
+
         def lists(present):   # present blocks first, in increasing order
             order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)
             return present.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous()
         kv_count, kv_index = lists(self.layout)
         q_count, q_index = lists(self.layout.transpose(-1, -2))
-        return (kv_count, kv_index, q_count, q_index, self.partial_id.to(torch.int32).contiguous(),
-                self.partial.to(torch.int8).contiguous())
+        self._lists = (kv_count, kv_index, q_count, q_index, self.partial_id.to(torch.int32).contiguous(),
+                       self.partial.to(torch.int8).contiguous())
+        return self._lists
 
     def to(self, device) -> "BlockMask":
         return BlockMask(self.layout.to(device), self.partial_id.to(device), self.partial.to(device),
