@@ -166,15 +166,17 @@ def _grads(out, inputs: Sequence[torch.Tensor], dout) -> Tuple[torch.Tensor, ...
 
 def reference_results(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, softcap=0.0,
                       alibi_slopes=None, dout=None, compute_dtype: Optional[torch.dtype] = torch.float64,
-                      num_sink_tokens: int = 0, global_tokens=None, block_mask=None) -> Dict[str, torch.Tensor]:
-    """out, lse (and dq, dk, dv when dout is given) of attention_ref in `compute_dtype` (None = inputs' dtype)."""
+                      num_sink_tokens: int = 0, global_tokens=None, block_mask=None,
+                      **ref_kwargs) -> Dict[str, torch.Tensor]:
+    """out, lse (and dq, dk, dv when dout is given) of attention_ref in `compute_dtype` (None = inputs' dtype).
+    ref_kwargs: further attention_ref options (e.g. dropout_p, dropout_seed)."""
     dt = compute_dtype or q.dtype
     leaves = [x.detach().to(dt).requires_grad_(dout is not None) for x in (q, k, v)]
     with torch.enable_grad():
         out, lse = attention_ref(*leaves, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                  softcap=softcap, alibi_slopes=alibi_slopes, compute_dtype=compute_dtype,
                                  num_sink_tokens=num_sink_tokens, global_tokens=global_tokens,
-                                 block_mask=block_mask)
+                                 block_mask=block_mask, **ref_kwargs)
         res = {"out": out.detach(), "lse": lse.detach()}
         if dout is not None:
             res["dq"], res["dk"], res["dv"] = (g.detach() for g in _grads(out, leaves, dout.to(dt)))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import check_close, make_qkv
+from helpers import check_close, make_qkv, reference_results
 
 from flashattn import attention_ref, dropout, flash_attn_func, flash_attn_varlen_func
 
@@ -32,15 +32,10 @@ def _compare_with_reference(case, dtype, device):
     seed = int(dropout.draw_seed())   # the seed that call drew
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    def ref(compute_dtype):
-        leaves = [x.detach().to(compute_dtype or dtype).requires_grad_() for x in (q, k, v)]
-        o, _ = attention_ref(*leaves, causal=causal, window_size=window, dropout_p=p, dropout_seed=seed,
-                             compute_dtype=compute_dtype)
-        return (o,) + torch.autograd.grad(o, leaves, dout.to(compute_dtype or dtype))
-
-    for name, ours, r, pt in zip(("out", "dq", "dk", "dv"), (out,) + grads, ref(torch.float64), ref(None)):
-        check_close(f"{case} {name}", ours, r, pt)
+    opts = dict(causal=causal, window_size=window, dout=dout, dropout_p=p, dropout_seed=seed)
+    ref, pt = reference_results(q, k, v, **opts), reference_results(q, k, v, compute_dtype=None, **opts)
+    for name, ours in zip(("out", "dq", "dk", "dv"), (out,) + grads):
+        check_close(f"{case} {name}", ours, ref[name], pt[name])
 
 
 @pytest.mark.parametrize("case", list(CASES))
