@@ -15,6 +15,7 @@ from .api import (
 )
 from . import nn, padding
 from .blocksparse import BlockMask
+from .combine import flash_attn_combine
 from .padding import pad_input, unpad_input
 from .reference import attention_ref
 
@@ -24,6 +25,7 @@ __all__ = [
     "BlockMask",
     "attention_ref",
     "choose_backend",
+    "flash_attn_combine",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
