@@ -13,9 +13,10 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
-from . import nn, padding
+from . import nn, padding, rotary
 from .blocksparse import BlockMask
 from .combine import flash_attn_combine
+from .kvcache import PagedKVCache, StreamingKVCache, flash_attn_with_kvcache
 from .padding import pad_input, unpad_input
 from .reference import attention_ref
 
@@ -26,6 +27,9 @@ __all__ = [
     "attention_ref",
     "choose_backend",
     "flash_attn_combine",
+    "flash_attn_with_kvcache",
+    "PagedKVCache",
+    "StreamingKVCache",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

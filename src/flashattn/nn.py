@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .api import flash_attn_func, flash_attn_varlen_func
 from .padding import check_attention_mask, pad_input, unpad_input
+from .rotary import rotate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,20 +189,14 @@ class MultiheadAttention(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding, half-split convention (GPT-NeoX, Llama in Hugging Face).
-
-    Channel i is paired with channel i + head_dim/2 and the pair rotated by the angle of its
-    position and frequency: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). (The interleaved
-    GPT-J convention pairs channels 2i and 2i + 1 instead; weights trained with one do not fit the other.)
+    """Rotary position embedding, half-split convention (GPT-NeoX, Llama in Hugging Face): channel i is
+    paired with channel i + head_dim/2 (flashattn.rotary has both conventions and partial rotary dims).
 
     x: (..., seqlen, nheads, head_dim), e.g. (batch, seqlen, nheads, head_dim) or (total, nheads, head_dim).
     cos, sin: (seqlen, head_dim // 2), or any shape broadcasting to x's (..., seqlen, head_dim // 2).
     Returns a tensor like x; the rotation runs in at least float32.
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    cos, sin = cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)   # broadcast over heads
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+    return rotate(x, cos, sin, interleaved=False)
 
 
 class RotaryEmbedding(nn.Module):

@@ -50,6 +50,13 @@ def _smem_ok(bm, bn, bd, stages) -> bool:
     return 2 * (bm * bd + stages * 2 * bn * bd) <= 200 * 1024
 
 
+def _smem_bytes(kernel: str, bm: int, bn: int, bd: int, stages: int) -> int:
+    """Shared memory of one program, roughly: resident tiles once, streamed tiles once per pipeline stage
+    (fwd and dq keep the query-side tiles and stream K/V; dK/dV keeps K/V and streams q and dO)."""
+    resident, streamed = {"fwd": (bm, bn), "dq": (2 * bm, bn), "dkdv": (2 * bn, bm)}[kernel]
+    return 2 * bd * (resident + stages * 2 * streamed)
+
+
 def _keep_fwd(configs, named_args, **kwargs):
     bd = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"]
     kept = [c for c in configs
@@ -118,6 +125,11 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
     if block_mask is not None:
         bq, bk = block_mask.block_size
         cfg = dict(_default(kernel, block_d), BLOCK_M=bq, BLOCK_N=bk)
+        if not _interpreting():
+            while cfg["num_stages"] > 1 and _smem_bytes(kernel, bq, bk, block_d, cfg["num_stages"]) > 200 * 1024:
+                cfg["num_stages"] -= 1
+            if bq * bk >= 128 * 64:
+                cfg["num_warps"] = 8   # 4 warps would hold a 128-row accumulator in too few registers
         _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
         return
     if kernel not in pinned_configs and _autotune_enabled():
