@@ -11,6 +11,7 @@ SDPA in time, and against naive attention in peak extra memory (one fresh proces
     flashattn bench --quick --json bench.json --plot bench.png
     flashattn bench --device cpu --seqlens 8192
     flashattn bench --load a.json b.json --plot all.png --markdown BENCHMARKS.md
+    flashattn bench decode [--contexts ...] [--batches ...]   # KV-cache decoding bandwidth (bench/decode.py)
 
 The table is printed last. Speed is reported as ratios to peers measured in the same run.
 """
@@ -155,6 +156,9 @@ def _resolve(args: argparse.Namespace, device: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `flashattn bench` (and benchmarks/bench_attention.py). Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decode"]:
+        from .decode import run as run_decode
+        return run_decode(argv[1:])
     args = build_parser().parse_args(argv)
 
     if args.load:
