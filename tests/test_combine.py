@@ -49,3 +49,20 @@ def test_out_dtype_and_shape_errors():
     assert flash_attn_combine(out_p, lse_p, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="lse_partial must have out_partial's shape"):
         flash_attn_combine(out_p, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("splits", [1, 3, 6])
+def test_triton_combine_kernel_matches(splits):
+    """The one-launch kernel that flash_attn_combine uses on CUDA, here under the interpreter (or on the GPU)."""
+    from flashattn.backends.triton.decode import combine
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(splits)
+    out_p = torch.randn(splits, 2, 3, 5, 40, generator=g).to(device)
+    lse_p = (torch.randn(splits, 2, 3, 5, generator=g) * 3).to(device)
+    lse_p[0, 0, 0, :] = float("-inf")         # a split that saw nothing for some rows
+    lse_p[:, 1, 2, 1] = float("-inf")         # a row no split saw
+    out, lse = combine(out_p, lse_p, torch.float16)
+    want, want_lse = flash_attn_combine(out_p.cpu().double(), lse_p.cpu().double(), return_lse=True)
+    torch.testing.assert_close(out.cpu().double(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-5, rtol=1e-5)
+    assert out.dtype == torch.float16 and torch.equal(out[1, 2, 1].cpu(), torch.zeros(40, dtype=torch.float16))

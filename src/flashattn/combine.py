@@ -57,6 +57,13 @@ def flash_attn_combine(out_partial: Tensor, lse_partial: Tensor, out_dtype: Opti
     if not (out_partial.is_floating_point() and lse_partial.is_floating_point()):
         raise TypeError(f"out_partial and lse_partial must be floating point, got {out_partial.dtype} and "
                         f"{lse_partial.dtype}")
+    if out_partial.is_cuda and out_partial.dtype == torch.float32 and out_partial.shape[0] > 0:
+        from .api import triton_available
+        if triton_available():   # one kernel launch instead of a dozen elementwise ops
+            from .backends.triton.decode import combine
+            out, lse = combine(out_partial.contiguous(), lse_partial.float().contiguous(),
+                               out_dtype or out_partial.dtype)
+            return (out, lse) if return_lse else out
     acc = torch.float64 if out_partial.dtype == torch.float64 else torch.float32
     lse_partial = lse_partial.to(acc)
     lse = torch.logsumexp(lse_partial, dim=0)                      # −inf where every split is −inf

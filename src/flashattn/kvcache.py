@@ -161,17 +161,16 @@ def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
         if block_table.device != q.device:
             raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}; move it")
         table, capacity = block_table, block_table.shape[1] * page_size
-    else:
-        rows = (_int_tensor("cache_batch_idx", cache_batch_idx, b, q.device) if cache_batch_idx is not None
-                else torch.arange(b, dtype=torch.int32, device=q.device))
+    else:   # a contiguous cache: page b (table None), or the cache row cache_batch_idx[b]
+        table = (_int_tensor("cache_batch_idx", cache_batch_idx, b, q.device)[:, None] if cache_batch_idx is not None
+                 else None)
         if cache_batch_idx is None and pages < b:
             raise ValueError(f"k_cache holds {pages} sequences but q has batch {b}; pass cache_batch_idx or a larger "
                              "cache")
-        table, capacity = rows[:, None], page_size
+        capacity = page_size
     seqlens = (_int_tensor("cache_seqlens", cache_seqlens, b, q.device, allow_int=True) if cache_seqlens is not None
                else torch.full((b,), capacity - s_new, dtype=torch.int32, device=q.device))
-    leftpad = (_int_tensor("cache_leftpad", cache_leftpad, b, q.device) if cache_leftpad is not None
-               else torch.zeros(b, dtype=torch.int32, device=q.device))
+    leftpad = _int_tensor("cache_leftpad", cache_leftpad, b, q.device) if cache_leftpad is not None else None
     # -- rotary
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("pass both rotary_cos and rotary_sin or neither")
@@ -199,7 +198,8 @@ def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
 def _validate(seqlens, leftpad, table, s_new, capacity, page_size, pages, paged, rotary_cos, sq, local,
               cache_batch_idx) -> int:
     """Host-side checks of the index arguments (one transfer); returns the longest key sequence."""
-    sl, lp = seqlens.tolist(), leftpad.tolist()
+    sl = seqlens.tolist()
+    lp = leftpad.tolist() if leftpad is not None else [0] * len(sl)
     for i, (n, pad) in enumerate(zip(sl, lp)):
         if n < 0 or pad < 0 or pad > n:
             raise ValueError(f"sequence {i}: need 0 <= cache_leftpad <= cache_seqlens, got cache_leftpad {pad} and "
@@ -243,35 +243,44 @@ def _rotated(p: _Plan, q: Tensor, k: Optional[Tensor], v: Optional[Tensor]):
     return q, k, v
 
 
+def _table(p: _Plan, b: int, device) -> Tensor:
+    """The (b, n) page table; a contiguous cache without cache_batch_idx has page b for sequence b."""
+    return p.table if p.table is not None else torch.arange(b, dtype=torch.int32, device=device)[:, None]
+
+
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, p: _Plan) -> None:
     """Write new token t of sequence b at cache row seqlens[b] + t (in its page)."""
+    if choose_backend(k) == "triton":
+        from .backends.triton.decode import append_kv
+        return append_kv(k_cache, v_cache, k, v, p.table, p.seqlens)
     b, s_new = k.shape[:2]
     rows = p.seqlens.long()[:, None] + torch.arange(s_new, device=k.device)[None, :]        # (b, s_new)
-    page = torch.gather(p.table.long(), 1, rows // p.page_size)
+    page = torch.gather(_table(p, b, k.device).long().expand(b, -1), 1, rows // p.page_size)
     slot = rows % p.page_size
     k_cache[page, slot] = k
     v_cache[page, slot] = v
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, p: _Plan) -> Tuple[Tensor, Tensor]:
-    k_len = p.seqlens + p.s_new - p.leftpad
     if choose_backend(q) == "triton":
         from .backends.triton.decode import forward_kvcache
-        return forward_kvcache(q, k_cache, v_cache, p.table, p.leftpad, k_len, p.max_seqlen_k, p.scale, p.left,
-                               p.right, p.softcap, p.alibi, p.num_sink, p.num_splits)
-    return _attend_gathered(q, k_cache, v_cache, p, k_len)
+        return forward_kvcache(q, k_cache, v_cache, p.table, p.seqlens, p.leftpad, p.s_new, p.max_seqlen_k, p.scale,
+                               p.left, p.right, p.softcap, p.alibi, p.num_sink, p.num_splits)
+    return _attend_gathered(q, k_cache, v_cache, p)
 
 
-def _attend_gathered(q, k_cache, v_cache, p: _Plan, k_len: Tensor) -> Tuple[Tensor, Tensor]:
+def _attend_gathered(q, k_cache, v_cache, p: _Plan) -> Tuple[Tensor, Tensor]:
     """The portable path: gather each sequence's keys into a packed batch, run the varlen forward."""
     b, sq, h, d = q.shape
+    leftpad = p.leftpad if p.leftpad is not None else torch.zeros_like(p.seqlens)
+    k_len = p.seqlens + p.s_new - leftpad
     lens = k_len.tolist()
     seq = torch.repeat_interleave(torch.arange(b, device=q.device), k_len.long())             # (total_k,)
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
     cu_k[1:] = torch.cumsum(k_len, 0)
     j = torch.arange(seq.numel(), device=q.device) - cu_k[:-1].long()[seq]                  # key index in its sequence
-    row = p.leftpad.long()[seq] + j
-    page = p.table.long()[seq, row // p.page_size]
+    row = leftpad.long()[seq] + j
+    page = _table(p, b, q.device).long()[seq, row // p.page_size]
     slot = row % p.page_size
     k, v = k_cache[page, slot], v_cache[page, slot]                                          # (total_k, hk, d)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)

@@ -11,10 +11,13 @@ One kernel serves decoding (seqlen_q = 1) and chunked prefill (seqlen_q > 1). It
   small and the context long.
 
 Keys are addressed through a page table: logical key j of sequence b is cache row
-p = k_start[b] + j, stored in page block_table[b, p // page_size] at row p % page_size. A
+p = leftpad[b] + j, stored in page block_table[b, p // page_size] at row p % page_size. A
 contiguous cache (n, seqlen_cache, hk, d) is the same thing with page_size = seqlen_cache and a
-one-column block table naming the cache row of each sequence, so there is one code path. Pages
-may be any size (1 … seqlen): the page of each key row is looked up, not assumed per tile.
+one-column block table naming the cache row of each sequence (or, without cache_batch_idx, page b:
+PAGE_IS_BATCH), so there is one code path. Pages may be any size (1 … seqlen): the page of each key
+row is looked up, not assumed per tile. `_append_kv` writes new tokens through the same addressing,
+and `_combine` merges split results (flashattn.combine's formula) in one launch: a decoding step is
+three kernels, which matters when the step itself takes microseconds.
 
 The visibility rule and the score modifiers are those of the main forward kernel (`_visible`,
 `_scores` in kernels.py, i.e. flashattn.masks); every tile is masked, which costs nothing that
@@ -27,37 +30,69 @@ import torch
 import triton
 import triton.language as tl
 
-from ...combine import flash_attn_combine
 from .kernels import _scores, _visible
 
 
 @triton.jit
-def _kv_tile_rows(BlockTable, b_table, k0, cols, seqlen_k, page_size):
-    """Cache (page, row-in-page) of logical keys `cols` of one sequence, as int64 page indices."""
-    phys = k0 + cols
-    ok = cols < seqlen_k
-    page = tl.load(BlockTable + b_table + phys // page_size, mask=ok, other=0).to(tl.int64)
-    return page, (phys % page_size).to(tl.int64), ok
+def _page_of(BlockTable, off_b, stride_tb, rows, ok, page_size, PAGE_IS_BATCH: tl.constexpr):
+    """(page, row in page) of cache rows `rows` of sequence off_b, as int64."""
+    if PAGE_IS_BATCH:
+        page = off_b + rows * 0
+    else:
+        page = tl.load(BlockTable + off_b * stride_tb + rows // page_size, mask=ok, other=0).to(tl.int64)
+    return page, (rows % page_size).to(tl.int64)
 
 
 @triton.jit
-def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, KStart, KLen, Alibi,
+def _seq_keys(SeqLens, LeftPad, off_b, s_new, HAS_LEFTPAD: tl.constexpr):
+    """(first cache row, number of keys) of sequence off_b: rows leftpad … seqlens + s_new − 1."""
+    end = tl.load(SeqLens + off_b) + s_new
+    k0 = end * 0
+    if HAS_LEFTPAD:
+        k0 = tl.load(LeftPad + off_b)
+    return k0, end - k0
+
+
+@triton.jit
+def _append_kv(Knew, Vnew, K, V, BlockTable, SeqLens,
+               stride_nb, stride_nm, stride_nh, stride_vnb, stride_vnm, stride_vnh,
+               stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_tb,
+               s_new, nheads_k, page_size,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_IS_BATCH: tl.constexpr):
+    """Grid (batch · s_new,): new token t of sequence b goes to cache row seqlens[b] + t (all heads)."""
+    off_b = (tl.program_id(0) // s_new).to(tl.int64)
+    t = tl.program_id(0) % s_new
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_h[:, None] < nheads_k) & (offs_d[None, :] < HEAD_DIM)
+    row = tl.load(SeqLens + off_b) + t
+    page, prow = _page_of(BlockTable, off_b, stride_tb, row, True, page_size, PAGE_IS_BATCH)
+    k = tl.load(Knew + off_b * stride_nb + t * stride_nm + offs_h[:, None] * stride_nh + offs_d[None, :], mask=ok)
+    v = tl.load(Vnew + off_b * stride_vnb + t * stride_vnm + offs_h[:, None] * stride_vnh + offs_d[None, :], mask=ok)
+    tl.store(K + page * stride_kp + prow * stride_kr + offs_h[:, None] * stride_kh + offs_d[None, :], k, mask=ok)
+    tl.store(V + page * stride_vp + prow * stride_vr + offs_h[:, None] * stride_vh + offs_d[None, :], v, mask=ok)
+
+
+@triton.jit
+def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
                       stride_qb, stride_qm, stride_qh,
                       stride_kp, stride_kr, stride_kh,
                       stride_vp, stride_vr, stride_vh,
                       stride_os, stride_ob, stride_om, stride_oh,
                       stride_ls, stride_lb, stride_lm, stride_lh,
                       stride_tb, stride_ab,
-                      nheads_k, seqlen_q, page_size, left, right, num_sink, sm_scale, softcap, num_splits,
+                      nheads_k, seqlen_q, s_new, page_size, left, right, num_sink, sm_scale, softcap, num_splits,
+                      ctx_bucket, page_bucket,   # unused in the body: autotuning keys
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                      HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                      PAGE_IS_BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(seqlen_q · GROUP, BLOCK_M), batch · nheads_k, num_splits).
 
     Q (b, sq, h, d); K, V (pages, page_size, hk, d); Out (splits, b, sq, h, d) and Lse (splits, b, sq, h)
     through their strides (with one split these are the final out and lse); BlockTable (b, pages per
-    sequence) int32; KStart, KLen (b,) int32: a sequence's keys are cache rows KStart[b] … KStart[b] + KLen[b] − 1.
+    sequence) int32; SeqLens, LeftPad (b,) int32: sequence b's keys are cache rows
+    LeftPad[b] … SeqLens[b] + s_new − 1 (s_new tokens were just appended).
     """
     pid_m = tl.program_id(0)
     off_b = (tl.program_id(1) // nheads_k).to(tl.int64)
@@ -71,9 +106,7 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, KStart, KLen, Alibi,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    seqlen_k = tl.load(KLen + off_b)
-    k0 = tl.load(KStart + off_b)
-    b_table = off_b * stride_tb
+    k0, seqlen_k = _seq_keys(SeqLens, LeftPad, off_b, s_new, HAS_LEFTPAD)
     q = tl.load(Q + off_b * stride_qb + q_idx[:, None].to(tl.int64) * stride_qm + off_h[:, None] * stride_qh
                 + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -107,7 +140,8 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, KStart, KLen, Alibi,
             p_hi = s_hi if phase == 0 else sink_hi
             for start_n in range(p_lo, p_hi, BLOCK_N):
                 cols = start_n + offs_n
-                page, prow, k_ok = _kv_tile_rows(BlockTable, b_table, k0, cols, seqlen_k, page_size)
+                k_ok = cols < seqlen_k
+                page, prow = _page_of(BlockTable, off_b, stride_tb, k0 + cols, k_ok, page_size, PAGE_IS_BATCH)
                 kT = tl.load(K + page[None, :] * stride_kp + prow[None, :] * stride_kr + off_hk * stride_kh
                              + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
                 qk = tl.dot(q, kT)
@@ -138,53 +172,130 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, KStart, KLen, Alibi,
              + off_h * stride_lh, lse, mask=rows_ok)
 
 
+@triton.jit
+def _combine(OutP, LseP, Out, Lse, num_splits, rows, stride_ps, stride_ls, stride_lr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    """flashattn.combine's formula for BLOCK_R rows per program. OutP (splits, rows, d) float32 with split
+    stride stride_ps, LseP (splits, rows) float32; Out (rows, d) contiguous, Lse (rows,) at stride_lr."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < rows
+    lse = tl.load(LseP + offs_s[:, None] * stride_ls + offs_r[None, :],
+                  mask=(offs_s[:, None] < num_splits) & r_ok[None, :], other=float("-inf"))   # (S, R)
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe[None, :])                      # 0 for empty splits
+    total = tl.sum(w, 0)
+    empty = total == 0.0
+    w = w / tl.where(empty, 1.0, total)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    d_ok = offs_d < HEAD_DIM
+    o_ptrs = OutP + offs_r[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    for s in range(num_splits):
+        ws = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)      # (R,): split s's weight per row
+        acc += ws[:, None] * tl.load(o_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        o_ptrs += stride_ps
+    tl.store(Out + offs_r[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + offs_r * stride_lr, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))),
+             mask=r_ok)
+
+
 # ------------------------------------------------------------------------------------------------
-# launcher
+# launchers
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 8   # the interpreter: any small number
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def choose_num_splits(batch: int, nheads_k: int, row_blocks: int, max_seqlen_k: int, device) -> int:
     """Split the keys only when the (batch, kv-head, row-block) programs leave SMs idle: aim at two
     programs per SM, with at least 512 keys per split (fewer make the merge cost more than it saves)."""
     programs = batch * nheads_k * row_blocks
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    sms = _sm_count(device.index or 0) if device.type == "cuda" and not _interpreting() else 8
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), max_seqlen_k // 512, 64))
 
 
-def _config(rows: int, headdim: int, interpreting: bool) -> dict:
-    if interpreting:   # small tiles: tiny test shapes still cross tile and page boundaries
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows))), BLOCK_N=64 if headdim <= 128 else 32,
-                num_warps=4, num_stages=3)
+def _cfg(bn, w, s):
+    return triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-def forward_kvcache(q, k_cache, v_cache, block_table, k_start, k_len, max_seqlen_k: int, softmax_scale: float,
-                    window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi_slopes=None,
-                    num_sink: int = 0, num_splits: int = 0):
-    """Attention of q (b, sq, h, d) over paged caches k_cache, v_cache (pages, page_size, hk, d).
+# Few on purpose (each is a compile): tile width, warps and pipeline depth for a loop that streams K/V.
+DECODE_CONFIGS = [_cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 8, 4), _cfg(32, 4, 4)]
 
-    block_table (b, pages per sequence) int32; k_start, k_len (b,) int32: sequence b's keys are its cache
-    rows k_start[b] … k_start[b] + k_len[b] − 1 (logical positions 0 … k_len[b] − 1, causal-aligned
-    bottom-right). max_seqlen_k bounds k_len (for choosing num_splits; 0 = choose 1).
+
+def _keep(configs, named_args, **kwargs):
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    kept = [c for c in configs if not (bd >= 256 and c.kwargs["BLOCK_N"] > 64)]
+    return kept or configs[:1]
+
+
+_tuned = triton.autotune(DECODE_CONFIGS, key=["ctx_bucket", "page_bucket", "GROUP", "HEAD_DIM", "BLOCK_M",
+                                               "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "PAGE_IS_BATCH"],
+                         prune_configs_by={"early_config_prune": _keep}, cache_results=True)(_attn_fwd_kvcache)
+
+
+def _default_cfg(headdim: int) -> dict:
+    if _interpreting():   # small tiles: tiny test shapes still cross tile and page boundaries
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=64 if headdim <= 128 else 32, num_warps=4, num_stages=3)
+
+
+def append_kv(k_cache, v_cache, k, v, block_table, cache_seqlens) -> None:
+    """Write k, v (b, s_new, hk, d) into the caches at rows cache_seqlens[b] + t (block_table None: page b)."""
+    b, s_new, hk, d = k.shape
+    table = block_table if block_table is not None else cache_seqlens
+    _append_kv[(b * s_new,)](
+        k, v, k_cache, v_cache, table, cache_seqlens, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
+        *v_cache.stride()[:3], table.stride(0), s_new, hk, k_cache.shape[1],
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_H=triton.next_power_of_2(hk),
+        PAGE_IS_BATCH=block_table is None)
+
+
+def combine(out_partial, lse_partial, out_dtype):
+    """out_partial (splits, *rows, d) float32 contiguous, lse_partial (splits, *rows) float32 contiguous
+    -> out (*rows, d) in out_dtype, lse (*rows) float32."""
+    splits, d = out_partial.shape[0], out_partial.shape[-1]
+    rows = lse_partial[0].numel()
+    out = torch.empty(out_partial.shape[1:], device=out_partial.device, dtype=out_dtype)
+    lse = torch.empty(lse_partial.shape[1:], device=out_partial.device, dtype=torch.float32)
+    block_r = 16
+    _combine[(triton.cdiv(rows, block_r),)](out_partial, lse_partial, out, lse, splits, rows, out_partial.stride(0),
+                                            lse_partial.stride(0), 1, HEAD_DIM=d,
+                                            BLOCK_D=max(16, triton.next_power_of_2(d)),
+                                            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_R=block_r)
+    return out, lse
+
+
+def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_new: int, max_seqlen_k: int,
+                    softmax_scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                    alibi_slopes=None, num_sink: int = 0, num_splits: int = 0):
+    """Attention of q (b, sq, h, d) over caches k_cache, v_cache (pages, page_size, hk, d).
+
+    block_table (b, pages per sequence) int32, or None for a contiguous cache whose page b is sequence b;
+    cache_seqlens (b,) int32 (rows in use before the s_new appended ones), leftpad (b,) int32 or None:
+    sequence b's keys are its rows leftpad[b] … cache_seqlens[b] + s_new − 1 (causal-aligned bottom-right).
+    max_seqlen_k bounds the number of keys (for choosing num_splits and the tuning bucket).
     Returns out like q and lse (b, h, sq) float32.
     """
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]
     group = h // hk
-    cfg = _config(sq * group, d, interpreting)
-    row_blocks = triton.cdiv(sq * group, cfg["BLOCK_M"])
+    block_m = 16 if _interpreting() else min(64, max(16, triton.next_power_of_2(sq * group)))
+    row_blocks = triton.cdiv(sq * group, block_m)
     if num_splits <= 0:
         num_splits = choose_num_splits(b, hk, row_blocks, max_seqlen_k, q.device)
     if num_splits == 1:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty((b, sq, h, d), device=q.device, dtype=q.dtype)
         lse = torch.empty((b, h, sq), device=q.device, dtype=torch.float32)
         o_strides = (0, *out.stride()[:3])
         l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))
@@ -194,19 +305,25 @@ def forward_kvcache(q, k_cache, v_cache, block_table, k_start, k_len, max_seqlen
         o_strides, l_strides = out.stride()[:4], lse.stride()
     alibi = alibi_slopes.contiguous() if alibi_slopes is not None else q
     stride_ab = alibi.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    table = block_table if block_table is not None else cache_seqlens
+    args = (q, k_cache, v_cache, out, lse, table, cache_seqlens, leftpad if leftpad is not None else cache_seqlens,
+            alibi, q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *o_strides, *l_strides, table.stride(0), stride_ab,
+            hk, sq, s_new, k_cache.shape[1], max(window_left, 0), max(window_right, 0), num_sink,
+            float(softmax_scale), float(softcap) if softcap else 1.0, num_splits,
+            triton.next_power_of_2(max(1, max_seqlen_k // num_splits)), min(256, triton.next_power_of_2(k_cache.shape[1])))
+    meta = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
+                HAS_ALIBI=alibi_slopes is not None, HAS_SINK=num_sink > 0 and window_left >= 0,
+                HAS_LEFTPAD=leftpad is not None, PAGE_IS_BATCH=block_table is None, BLOCK_M=block_m)
     grid = (row_blocks, b * hk, num_splits)
-    _attn_fwd_kvcache[grid](
-        q, k_cache, v_cache, out, lse, block_table, k_start, k_len, alibi,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *o_strides, *l_strides, block_table.stride(0), stride_ab,
-        hk, sq, k_cache.shape[1], max(window_left, 0), max(window_right, 0), num_sink, float(softmax_scale),
-        float(softcap) if softcap else 1.0, num_splits,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
-        HAS_ALIBI=alibi_slopes is not None, HAS_SINK=num_sink > 0 and window_left >= 0, **cfg)
+    if _interpreting() or os.environ.get("FLASHATTN_AUTOTUNE", "1") == "0":
+        _attn_fwd_kvcache[grid](*args, **meta, **_default_cfg(d))
+    else:
+        _tuned[grid](*args, **meta)
     if num_splits > 1:
-        out, lse = flash_attn_combine(out, lse, out_dtype=q.dtype, return_lse=True)
+        out, lse = combine(out, lse, q.dtype)
         lse = lse.transpose(1, 2)
     return out, lse
