@@ -232,7 +232,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     flags = _global_flags(global_tokens, bool(causal), longest, q.device)
     blocks = _block_mask_tensors(block_mask, q, k, cu_seqlens_q is not None)
     seed = dropout.draw_seed() if dropout_p > 0.0 else None
-    out, lse = ops.fwd(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+    out, lse = ops.attention(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                        int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, flags, *blocks,
                        choose_backend(q))
     return out, lse, seed

@@ -82,8 +82,7 @@ def _extra(q, k, num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor]
     return extra
 
 
-@torch.library.custom_op("flashattn::fwd", mutates_args=())
-def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
         softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, num_sink: int,
         dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
@@ -110,6 +109,9 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int,
     return out.contiguous(), lse.contiguous()   # the layout the fake kernel promises (torch.compile checks it)
 
 
+fwd = torch.library.custom_op("flashattn::fwd", mutates_args=())(_fwd_impl)
+
+
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
               cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags,
@@ -117,8 +119,7 @@ def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("flashattn::bwd", mutates_args=())
-def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
+def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
         window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
         num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
@@ -140,6 +141,9 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         dq, dk, dv = _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_seqlens_q,
                                     cu_seqlens_k, extra)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+bwd = torch.library.custom_op("flashattn::bwd", mutates_args=())(_bwd_impl)
 
 
 @bwd.register_fake
@@ -172,3 +176,32 @@ def _backward(ctx, dout, dlse):
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without their dispatch machinery: in eager mode
+    torch.library's custom-op layer costs hundreds of microseconds of host time per call (measured on
+    the H200: benchmarks/profile_host.py), more than the GPU time of a small attention."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k,
+                               *ctx.max_seqlens, ctx.num_sink, ctx.dropout_p, seed, global_flags, *block_mask,
+                               ctx.backend)
+        return (dq, dk, dv) + (None,) * 17
+
+
+def attention(*inputs) -> Tuple[Tensor, Tensor]:
+    """(out, lse) for `fwd`'s arguments, differentiable: the custom op while torch.compile/export traces
+    (one opaque node, no graph break), a plain autograd.Function otherwise (the same code, less overhead)."""
+    if torch.compiler.is_compiling():
+        return fwd(*inputs)
+    return _Eager.apply(*inputs)

@@ -207,16 +207,26 @@ def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, righ
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                    row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, tile_pid,
+                    row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                    BLOCK_SPARSE: tl.constexpr):
-    """Online softmax over key blocks [start, end) for one query block; K, V point at key 0."""
+                    BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Online softmax over key blocks [start, end) for one query block; K, V point at key 0.
+
+    BLOCK_SPARSE: [start, end) walks a list instead: entry it // BLOCK_N of SpList names the key block,
+    SpPid[block] its element-mask tile in SpTile (or -1). The list is walked by this innermost loop, so
+    Triton's pipeliner prefetches the next block's K/V while this one computes."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
+        if BLOCK_SPARSE:
+            kb = tl.load(SpList + start_n // BLOCK_N)
+            tile_pid = tl.load(SpPid + kb)
+            start_n = kb * BLOCK_N
+            k_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASK:
@@ -236,7 +246,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
             if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
                 # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
                 has = (offs_n[None, :] * 0 + tile_pid) >= 0
-                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has, other=1) != 0)
+                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                ok = ok & (tl.load(tile + offs_n[None, :], mask=has, other=1) != 0)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -256,8 +267,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
             p = _dropped(p, row_key[:, None], cols[None, :], drop_threshold, keep_scale)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not BLOCK_SPARSE:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -311,16 +323,13 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     if BLOCK_SPARSE:   # the key blocks the block mask lists for this query block, each masked
         qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
-        for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)):
-            kb = tl.load(SpIdx + sp + i)
-            pid = tl.load(SpPid + sp + kb)
-            tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
-                                            offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right,
-                                            num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
-                                            Glob, q_global, tile_ptrs, pid, True, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
-                                            BLOCK_SPARSE)
+        count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
+                                        offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right,
+                                        num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
+                                        Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM, BLOCK_D,
+                                        BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
+                                        HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
     else:
         # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
         # Then the masked edges of the window, then the sink blocks left of it.
@@ -330,9 +339,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
                 acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                                 stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
                                                 sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob,
-                                                q_global, SpTile, -1, phase != 0, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                                HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
-                                                BLOCK_SPARSE)
+                                                q_global, SpIdx, SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_D,
+                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
+                                                HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -370,19 +379,27 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
-                         slope, seed, bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, tile_stride,
-                         tile_pid, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         slope, seed, bh, drop_threshold, keep_scale, Glob, k_global, SpList, SpPid, pid_stride,
+                         SpTile, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
-                         HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr):
+                         HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
+    BLOCK_SPARSE: [start, end) walks the list SpList of query blocks (as in _attn_fwd_inner); the
+    element-mask tile of query block qb is SpPid[qb · pid_stride].
     """
     qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
     do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
+        if BLOCK_SPARSE:
+            qb = tl.load(SpList + start_m // BLOCK_M)
+            tile_pid = tl.load(SpPid + qb * pid_stride)
+            start_m = qb * BLOCK_M
+            qT_ptrs = Q + start_m.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
+            do_ptrs = DO + start_m.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
         if MASK:
@@ -409,7 +426,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                           k_global[:, None], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             if BLOCK_SPARSE:
                 has = (offs_m[None, :] * 0 + tile_pid) >= 0
-                ok = ok & (tl.load(tile_ptrs + offs_m[None, :] * tile_stride, mask=has, other=1) != 0)
+                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_N)[:, None]
+                ok = ok & (tl.load(tile + offs_m[None, :] * BLOCK_N, mask=has, other=1) != 0)
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
@@ -424,8 +442,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
-        qT_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+        if not BLOCK_SPARSE:
+            qT_ptrs += BLOCK_M * stride_qm
+            do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -483,25 +502,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
         if BLOCK_SPARSE:   # the query blocks the block mask lists for this key block (BlockMask.kernel_lists)
             kb = tl.program_id(0)
             sp = off_b * stride_sb + off_h * stride_sh
-            for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)):
-                qb = tl.load(SpIdx + sp + kb * n_qb + i)
-                pid = tl.load(SpPid + sp + qb * n_kb + kb)
-                tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_N)[:, None]
-                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, qb * BLOCK_M,
-                                              qb * BLOCK_M + BLOCK_M, offs_n, offs_m, offs_d, stride_qm, stride_dom,
-                                              seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope, seed,
-                                              bh, drop_threshold, keep_scale, Glob, k_global, tile_ptrs, BLOCK_N,
-                                              pid, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                              HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
+            count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, count * 0, count * BLOCK_M,
+                                          offs_n, offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left,
+                                          right, num_sink, sm_scale, softcap, slope, seed, bh, drop_threshold,
+                                          keep_scale, Glob, k_global, SpIdx + sp + kb * n_qb, SpPid + sp + kb, n_kb,
+                                          SpTile, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                          HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_N)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
                 p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
                 dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                               offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
                                               sm_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
-                                              k_global, SpTile, BLOCK_N, -1, phase != 0, HEAD_DIM, BLOCK_M,
+                                              k_global, SpIdx, SpPid, n_kb, SpTile, phase != 0, HEAD_DIM, BLOCK_M,
                                               HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
-                                              BLOCK_SPARSE)
+                                              BLOCK_SPARSE, BLOCK_N)
     dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -512,16 +528,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                       row_key, drop_threshold, keep_scale, Glob, q_global, tile_ptrs, tile_pid,
+                       row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                       BLOCK_SPARSE: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [start, end)."""
+                       BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end) (a list with BLOCK_SPARSE, as in
+    _attn_fwd_inner)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
+        if BLOCK_SPARSE:
+            kb = tl.load(SpList + start_n // BLOCK_N)
+            tile_pid = tl.load(SpPid + kb)
+            start_n = kb * BLOCK_N
+            kT_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            vT_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASK:
@@ -543,7 +566,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
             if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
                 # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
                 has = (offs_n[None, :] * 0 + tile_pid) >= 0
-                ok = ok & (tl.load(tile_ptrs + offs_n[None, :], mask=has, other=1) != 0)
+                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                ok = ok & (tl.load(tile + offs_n[None, :], mask=has, other=1) != 0)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
@@ -552,8 +576,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
-        kT_ptrs += BLOCK_N * stride_kn
-        vT_ptrs += BLOCK_N * stride_vn
+        if not BLOCK_SPARSE:
+            kT_ptrs += BLOCK_N * stride_kn
+            vT_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -609,24 +634,21 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
     if BLOCK_SPARSE:   # as in the forward
         qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
-        for i in range(tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)):
-            kb = tl.load(SpIdx + sp + i)
-            pid = tl.load(SpPid + sp + kb)
-            tile_ptrs = SpTile + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, kb * BLOCK_N, kb * BLOCK_N + BLOCK_N, offs_m,
-                                    offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
-                                    sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
-                                    tile_ptrs, pid, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                    HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
+        count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
+                                offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
+                                sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
+                                SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
     else:
         for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
             if phase < 3 or HAS_SINK:
                 p_lo, p_hi = _phase_bounds(bounds, phase)
                 dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                         stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
-                                        softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpTile,
-                                        -1, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE)
+                                        softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpIdx,
+                                        SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                        HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
