@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import check_close, make_qkv, reference_results
 
+from flashattn import choose_backend
 from flashattn.distributed import ring as ring_module
 from flashattn.distributed import (ring_flash_attn_func, ring_flash_attn_varlen_func, shard, unshard, zigzag_shard,
                                    zigzag_unshard)
@@ -40,6 +41,8 @@ CASES = {
                                              dtype=torch.float64, scale=0.3),
     "ring-varlen-zigzag-causal": dict(method="ring", layout="zigzag", causal=True, lens=[3, 0, 1, 4], h=4, hk=2),
     "ring-varlen-contiguous-window": dict(method="ring", layout="contiguous", window=(3, 1), lens=[5, 2, 7]),
+    "ring-varlen-zigzag-causal-triton-fp16": dict(method="ring", layout="zigzag", causal=True, lens=[2, 1], h=2, hk=1,
+                                                  dtype=torch.float16, backend="triton"),
     "ring-subgroup-zigzag-causal": dict(method="ring", layout="zigzag", causal=True, sub=True),
     "ulysses-zigzag-causal-gqa": dict(method="ulysses", layout="zigzag", causal=True, h="2w", hk="w"),
     "ulysses-contiguous-full": dict(method="ulysses", layout="contiguous", h="w", hk="w"),
@@ -91,6 +94,15 @@ def _run_case(name, rank, world, groups, device):
         if rank not in SUBGROUP[world]:
             return "skipped"
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if "backend" in c and device == "cpu":   # the Triton kernels under the interpreter (conftest sets TRITON_INTERPRET)
+        os.environ["FLASHATTN_BACKEND"] = c["backend"]
+    try:
+        return _check_case(name, c, rank, world, group, device)
+    finally:
+        os.environ.pop("FLASHATTN_BACKEND", None)
+
+
+def _check_case(name, c, rank, world, group, device):
     q, k, v, dout, cu = _full_inputs(c, world, device, seed=len(name))
     layout, varlen = c["layout"], cu is not None
     opts = dict(causal=c.get("causal", False), window_size=c.get("window", (-1, -1)), softmax_scale=c.get("scale"))
@@ -101,6 +113,8 @@ def _run_case(name, rank, world, groups, device):
         return shard(x, rank, world, layout, dim, cu)
 
     qs, ks, vs = (mine(x).requires_grad_() for x in (q, k, v))
+    if "backend" in c:
+        assert choose_backend(qs) == c["backend"], f"expected the {c['backend']} backend, got {choose_backend(qs)}"
     kwargs = dict(opts, group=group, layout=layout, method=c["method"], return_lse=c.get("lse", True))
     if varlen:
         res = ring_flash_attn_varlen_func(qs, ks, vs, cu, max(torch.diff(cu).tolist()), **kwargs)
