@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import check_close, make_qkv, reference_results
 
-from flashattn import choose_backend
+from flashattn import choose_backend, masks
 from flashattn.distributed import ring as ring_module
 from flashattn.distributed import (ring_flash_attn_func, ring_flash_attn_varlen_func, shard, unshard, zigzag_shard,
                                    zigzag_unshard)
@@ -326,6 +326,52 @@ def test_shard_errors():
         shard(torch.zeros(1, 8, 1, 8), 2, 2)
     with pytest.raises(ValueError, match=r"layout must be one of"):
         shard(torch.zeros(1, 8, 1, 8), 0, 2, "striped")
+
+
+def _positions(layout, rank, world, lengths):
+    """(sequence, position) of each local row of rank's packed shard."""
+    return [(i, g + j) for i, n in enumerate(lengths) for g, _, c in pieces(layout, rank, world, n) for j in range(c)]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_step_calls_cover_the_mask_exactly(layout, world):
+    """The calls of a ring step, each sequence of a call attended with the call's window, must give exactly
+    the full sequences' mask restricted to (this rank's rows x the source rank's keys), each pair once."""
+    unit = chunks_per_rank(layout) * world
+    lengths = (3 * unit, 0, unit, 2 * unit)
+    for left, right in [(-1, -1), (-1, 0), (2, 0), (3, 1), (0, 5), (unit, unit // 2)]:
+        for rank in range(world):
+            rows = _positions(layout, rank, world, lengths)
+            for src in range(world):
+                keys = _positions(layout, src, world, lengths)
+                expected = torch.tensor([[i == j and bool(masks.visible(torch.tensor(p), torch.tensor(r), lengths[i],
+                                                                        lengths[i], left, right))
+                                          for j, r in keys] for i, p in rows], dtype=torch.int64)
+                got = torch.zeros_like(expected)
+                for call in ring_module.step_calls(lengths, rank, src, world, layout, left, right):
+                    cq, ck = call.cu_q, call.cu_k
+                    for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]):
+                        got[a:b, c:d] += masks.mask_matrix(b - a, d - c, call.left, call.right).long()
+                    assert (call.max_q, call.max_k) == (max(torch.diff(torch.tensor(cq)).tolist()),
+                                                        max(torch.diff(torch.tensor(ck)).tolist()))
+                assert torch.equal(got, expected), (layout, world, left, right, rank, src)
+
+
+def test_zigzag_balances_causal_work():
+    """Zigzag: every rank attends the same number of causal pairs over the ring; contiguous: rank r does
+    2r + 1 units of work (the imbalance zigzag removes)."""
+    world, n = 4, 64
+
+    def work(layout, rank):
+        return sum(int(masks.mask_matrix(cq[i + 1] - cq[i], ck[i + 1] - ck[i], c.left, c.right).sum())
+                   for src in range(world) for c in ring_module.step_calls((n,), rank, src, world, layout, -1, 0)
+                   for cq, ck in [(c.cu_q, c.cu_k)] for i in range(len(cq) - 1))
+
+    zig = [work("zigzag", r) for r in range(world)]
+    contiguous = [work("contiguous", r) for r in range(world)]
+    assert len(set(zig)) == 1 and sum(zig) == n * (n + 1) // 2
+    assert sum(contiguous) == n * (n + 1) // 2 and contiguous[-1] > 5 * contiguous[0]
 
 
 def test_needs_an_initialized_process_group():

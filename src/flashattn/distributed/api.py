@@ -107,7 +107,6 @@ def _agree(local: Callable[[], Tuple[List[int], tuple]], group, fn: str, validat
 
 
 def _run(q, k, v, cu: List[int], scale, causal, left, right, layout, method, deterministic, group):
-    world = dist.get_world_size(group)
     lengths = tuple(b - a for a, b in zip(cu, cu[1:]))
     if method == "ring":
         return RingAttention.apply(q, k, v, lengths, layout, scale, left, right, group)

@@ -24,6 +24,7 @@ sum(lengths[:i]) / W); lse (nheads, total).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -98,6 +99,24 @@ def _call(window: Tuple[int, int], blocks: List[Tuple[int, int, int, int]]) -> C
                 (blocks[0][2], blocks[-1][3]))
 
 
+def _coalesce_full(blocks):
+    """Join fully visible blocks of one sequence that share their rows and have adjacent keys (or share their
+    keys and have adjacent rows): one larger call instead of two (zigzag causal: every step but the first
+    then makes one call of c x 2c or 2c x c instead of two of c x c)."""
+    blocks = list(blocks)
+    joined = True
+    while joined:
+        joined = False
+        for i, j in itertools.permutations(range(len(blocks)), 2):
+            (wi, qa, qb, ka, kb), (wj, qc, qd, kc, kd) = blocks[i], blocks[j]
+            if wi == wj == (-1, -1) and (((qa, qb) == (qc, qd) and kb == kc) or ((ka, kb) == (kc, kd) and qb == qc)):
+                blocks[i] = (wi, min(qa, qc), max(qb, qd), min(ka, kc), max(kb, kd))
+                del blocks[j]
+                joined = True
+                break
+    return blocks
+
+
 @functools.lru_cache(maxsize=1024)
 def step_calls(lengths: Tuple[int, ...], rank: int, src: int, world_size: int, layout: str, left: int,
                right: int) -> Tuple[Call, ...]:
@@ -106,6 +125,7 @@ def step_calls(lengths: Tuple[int, ...], rank: int, src: int, world_size: int, l
     blocks = []   # (window, q_lo, q_hi, k_lo, k_hi) in local rows
     base = 0      # first local row of the sequence
     for n in lengths:
+        mine = []
         for gq, lq, cq in pieces(layout, rank, world_size, n):
             for gk, lk, ck in pieces(layout, src, world_size, n):
                 box = masks.visible_box(gq, gq + cq, gk, gk + ck, n, n, left, right)
@@ -116,7 +136,8 @@ def step_calls(lengths: Tuple[int, ...], rank: int, src: int, world_size: int, l
                     window = (-1, -1)
                 else:
                     window = masks.block_window(a, b, c, d, n, n, left, right)
-                blocks.append((window, base + lq + a - gq, base + lq + b - gq, base + lk + c - gk, base + lk + d - gk))
+                mine.append((window, base + lq + a - gq, base + lq + b - gq, base + lk + c - gk, base + lk + d - gk))
+        blocks += _coalesce_full(mine)
         base += n // world_size
     chains: List[Tuple[Tuple[int, int], List[Tuple[int, int, int, int]]]] = []
     for window, *box in sorted(blocks):   # by window, then by first row: first fit into increasing chains
