@@ -6,10 +6,11 @@
 
 Run from the repository root with PYTHONPATH=src (or flashattn installed). NCCL, one GPU per process,
 bf16, batch 1, causal. Each rank holds total_seqlen / N tokens (random shards: the values do not change
-the work). Per total seqlen and method: the time of one forward+backward (CUDA events around the step,
-ranks aligned by a barrier before it, the slowest rank's time, median over --reps after one warm-up),
-the peak torch.cuda.max_memory_allocated over the ranks, TFLOP/s per GPU (flashattn.flops, causal
-fwd+bwd of the full sequence / N), and the scaling efficiency
+the work). Per total seqlen and method: the time of one forward+backward (wall clock with the GPU
+synchronized around the step, ranks aligned by a barrier before it; the slowest rank's median over
+--reps after --warmup calls), the peak torch.cuda.max_memory_allocated over the ranks (during the first
+call), TFLOP/s per GPU (flashattn.flops: causal fwd+bwd of the full sequence, / N), and the scaling
+efficiency
 
     T1 / (N · TN),   T1 = one GPU doing the whole attention (rank 0 alone, flash_attn_func on the full
                      sequence) for seqlens up to --single-max (and when it fits in memory); above, T1 is
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--seqlens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
@@ -43,6 +45,8 @@ ap.add_argument("--single-max", type=int, default=524288,
                 help="largest total seqlen timed on one GPU; larger ones are extrapolated")
 ap.add_argument("--json", default=None)
 ap.add_argument("--autotune", action="store_true")
+ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                help="cpu: gloo and float32 on the PyTorch path, a smoke test of this script (no peak memory)")
 args = ap.parse_args()
 if not args.autotune:
     os.environ.setdefault("FLASHATTN_AUTOTUNE", "0")
@@ -64,23 +68,29 @@ METHODS = {   # name -> (method, layout, overlap)
 }
 
 
-def step_ms(step, warmup, reps, group=None):
-    """Median over reps of the slowest rank's time of step() (ms); the peak memory of the first call (GiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + reps):
-        if group is not False:
-            dist.barrier(group=group)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(first=i == 0)
-        end.record()
+def sync():
+    if args.device == "cuda":
         torch.cuda.synchronize()
-        if i == 0:
+
+
+def step_ms(step, warmup, reps, barrier=True):
+    """Median over reps of this rank's time of step() (ms; ranks aligned by a barrier before each call,
+    the device synchronized around it), and the peak memory of the first call (GiB; None on the CPU)."""
+    sync()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, peak = [], None
+    for i in range(warmup + reps):
+        if barrier:
+            dist.barrier()
+        sync()
+        start = time.perf_counter()
+        step(first=i == 0)
+        sync()
+        if i == 0 and args.device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**30
         if i >= warmup:
-            times.append(start.elapsed_time(end))
+            times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2], peak
 
 
@@ -89,7 +99,8 @@ def inputs(seqlen, device, seed):
     hk = args.kv_heads or args.heads
 
     def rand(heads):
-        return torch.randn(1, seqlen, heads, args.hdim, device=device, dtype=torch.bfloat16, generator=g)
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        return torch.randn(1, seqlen, heads, args.hdim, device=device, dtype=dtype, generator=g)
 
     return rand(args.heads).requires_grad_(), rand(hk).requires_grad_(), rand(hk).requires_grad_(), rand(args.heads)
 
@@ -103,13 +114,18 @@ def single_gpu_ms(seqlen, device):
             out = flash_attn_func(q, k, v, causal=True)
             torch.autograd.grad(out, (q, k, v), dout)
 
-        return step_ms(step, args.warmup, args.reps, group=False)[0]
+        return step_ms(step, args.warmup, args.reps, barrier=False)[0]
 
     try:
         return run()
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
+        empty_cache()
+
+
+def empty_cache():
+    if args.device == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -131,15 +147,21 @@ def measure(name, total, world, rank, device):
 
 def main():
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", local_rank)
-    env = describe("cuda")
-    env.update(world_size=world, nccl=".".join(map(str, torch.cuda.nccl.version())))
+    env = describe(args.device)
+    env["world_size"] = world
+    if args.device == "cuda":
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     if rank == 0:
-        print(f"{world} x {env['gpu']}  torch {env['torch']}  triton {env['triton']}  NCCL {env['nccl']}  "
-              f"heads {args.heads}/{args.kv_heads or args.heads}  hdim {args.hdim}  causal bf16  "
+        print(f"{world} x {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  "
+              f"NCCL {env.get('nccl')}  heads {args.heads}/{args.kv_heads or args.heads}  hdim {args.hdim}  causal  "
               f"FLASHATTN_AUTOTUNE={os.environ.get('FLASHATTN_AUTOTUNE', '1')}", flush=True)
         print(f"{'seqlen':>8} {'method':>16} {'ms fwd+bwd':>11} {'TF/s/GPU':>9} {'peak GiB':>9} "
               f"{'1-GPU ms':>10} {'efficiency':>10}", flush=True)
@@ -162,10 +184,11 @@ def main():
         flops = attention_flops(1, args.heads, total, total, args.hdim, causal=True, mode="fwd_bwd")
         for name in args.methods:
             ms, peak = measure(name, total, world, rank, device)
-            torch.cuda.empty_cache()
-            stats = torch.tensor([ms, peak], device=device, dtype=torch.float64)
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            empty_cache()
+            stats = torch.tensor([ms, -1.0 if peak is None else peak], device=device, dtype=torch.float64)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)   # the slowest rank, the fullest GPU
             ms, peak = stats.tolist()
+            peak = None if peak < 0 else peak
             method, layout, overlap = METHODS[name]
             row = dict(seqlen=total, method=name, layout=layout, overlap=overlap, world_size=world, ms=ms,
                        tflops_per_gpu=flops / world / (ms * 1e-3) / 1e12, peak_gib=peak,
@@ -175,7 +198,8 @@ def main():
             if rank == 0:
                 eff = f"{row['efficiency']:.3f}" if t1 else "-"
                 one = f"{t1:.0f}{'' if t1_kind == 'measured' else '*'}" if t1 else "-"
-                print(f"{total:>8} {name:>16} {ms:>11.1f} {row['tflops_per_gpu']:>9.0f} {peak:>9.2f} {one:>10} "
+                mem = f"{peak:.2f}" if peak is not None else "-"
+                print(f"{total:>8} {name:>16} {ms:>11.1f} {row['tflops_per_gpu']:>9.3g} {mem:>9} {one:>10} "
                       f"{eff:>10}", flush=True)
         if rank == 0 and args.json:
             with open(args.json, "w") as f:

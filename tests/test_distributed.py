@@ -13,6 +13,8 @@ import datetime
 import json
 import os
 import socket
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -372,6 +374,27 @@ def test_zigzag_balances_causal_work():
     contiguous = [work("contiguous", r) for r in range(world)]
     assert len(set(zig)) == 1 and sum(zig) == n * (n + 1) // 2
     assert sum(contiguous) == n * (n + 1) // 2 and contiguous[-1] > 5 * contiguous[0]
+
+
+def test_bench_ring_script_runs_on_cpu(tmp_path):
+    """benchmarks/bench_ring.py end to end under torchrun with 2 gloo processes (--device cpu): every
+    method and seqlen gets a row, the one-GPU baseline is measured then extrapolated. No timing checked."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "bench_ring.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
+    methods = ["ring", "ulysses", "ring-contiguous", "ring-no-overlap"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(root, "benchmarks", "bench_ring.py"), "--device", "cpu", "--seqlens", "64", "128",
+           "--heads", "2", "--hdim", "16", "--single-max", "64", "--reps", "1", "--warmup", "0", "--methods", *methods,
+           "--json", str(path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(path.read_text())
+    got = {(r["seqlen"], r["method"]): r for r in report["results"]}
+    assert set(got) == {(s, m) for s in (64, 128) for m in methods}
+    assert all(r["ms"] > 0 and r["efficiency"] > 0 and r["world_size"] == 2 for r in got.values())
+    assert got[64, "ring"]["single_gpu"] == "measured" and got[128, "ring"]["single_gpu"] == "extrapolated from 64"
+    assert "ring-no-overlap" in done.stdout
 
 
 def test_needs_an_initialized_process_group():
