@@ -5,10 +5,10 @@
 
 bf16, batch 1. Per seqlen: forward and backward time (CUDA events, median of the repetitions after one
 warm-up), TFLOP/s (flashattn.flops), the peak of torch.cuda.max_memory_allocated over a forward+backward
-(inputs included), and a check of rows at 2³¹-scale offsets: the last 16 queries, whose out and dq
-depend on every key and whose keys' dk/dv (causal: seen by those queries only) are compared with the
-float32 reference computed on the slices (max abs error; bf16 outputs, so ~1e-2 is expected, a wrong
-offset gives O(1)).
+(inputs included), and a check of the rows at the largest offsets: out and dq of the last 16 queries
+(they see every key) and dk, dv of the last 16 keys (causal: seen by those queries only) against the
+float32 reference on those slices, as max|ours - ref| / max|ref| (bf16: about 1e-2 or less; a wrong
+offset gives about 1; the script exits 1 above 0.1).
 Autotuning is off by default (FLASHATTN_AUTOTUNE=0: the H200 sweep's configurations): at these sizes
 each tuning run is a full multi-second kernel, per config, per seqlen bucket. --autotune turns it on.
 """
@@ -50,16 +50,19 @@ def timed(fn, reps):
 
 
 def tail_check(q, k, v, out, dout, grads, causal, rows=16):
-    """Max abs error of out, dq (last `rows` queries) and dk, dv (last `rows` keys) against the reference."""
+    """max|ours - ref| / max|ref| of out, dq (last `rows` queries) and dk, dv (last `rows` keys)."""
     qs = q[:, -rows:].detach().requires_grad_()
     ks, vs = k.detach().requires_grad_(), v.detach().requires_grad_()
     ref, _ = attention_ref(qs, ks, vs, causal=causal, compute_dtype=torch.float32)   # bottom-right: the last rows
     rdq, rdk, rdv = torch.autograd.grad(ref, (qs, ks, vs), dout[:, -rows:].float())
-    errs = {"out": (out[:, -rows:].float() - ref).abs().max().item(),
-            "dq": (grads[0][:, -rows:].float() - rdq).abs().max().item()}
+
+    def rel(ours, r):
+        return ((ours.float() - r).abs().max() / r.abs().max()).item()
+
+    errs = {"out": rel(out[:, -rows:], ref), "dq": rel(grads[0][:, -rows:], rdq)}
     if causal:   # the last keys are seen by the last queries only
-        errs["dk"] = (grads[1][:, -rows:].float() - rdk[:, -rows:]).abs().max().item()
-        errs["dv"] = (grads[2][:, -rows:].float() - rdv[:, -rows:]).abs().max().item()
+        errs["dk"] = rel(grads[1][:, -rows:], rdk[:, -rows:])
+        errs["dv"] = rel(grads[2][:, -rows:], rdv[:, -rows:])
     return errs
 
 
@@ -89,7 +92,7 @@ def run_one(b, s, h, d):
     f_bwd = attention_flops(b, h, s, s, d, args.causal, "bwd")
     return dict(seqlen=s, batch=b, heads=h, hdim=d, causal=args.causal, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
                 fwd_tflops=tflops(f_fwd, fwd_ms), bwd_tflops=tflops(f_bwd, bwd_ms), peak_gib=peak_gib,
-                inputs_gib=4 * q.numel() * q.element_size() / 2**30, max_abs_err=errs)
+                inputs_gib=4 * q.numel() * q.element_size() / 2**30, rel_err=errs)
 
 
 def main():
@@ -99,7 +102,7 @@ def main():
     b, h, d = 1, args.heads, args.hdim
     rows = []
     header = (f"{'seqlen':>8} {'fwd ms':>10} {'fwd TF/s':>8} {'bwd ms':>10} {'bwd TF/s':>8} {'peak GiB':>9} "
-              f"{'inputs GiB':>10}  max err (out, dq, dk, dv)")
+              f"{'inputs GiB':>10}  rel. err (out, dq, dk, dv)")
     print(header, flush=True)
     for s in args.seqlens:
         torch.cuda.empty_cache()
@@ -107,13 +110,14 @@ def main():
         rows.append(row)
         print(f"{s:>8} {row['fwd_ms']:>10.1f} {row['fwd_tflops']:>8.0f} {row['bwd_ms']:>10.1f} "
               f"{row['bwd_tflops']:>8.0f} {row['peak_gib']:>9.2f} {row['inputs_gib']:>10.2f}  "
-              + ", ".join(f"{e:.1e}" for e in row["max_abs_err"].values()), flush=True)
+              + ", ".join(f"{e:.1e}" for e in row["rel_err"].values()), flush=True)
         if args.json:   # after every seqlen, so a run cut short keeps what it measured
             with open(args.json, "w") as f:
                 json.dump({"environment": env, "config": vars(args), "results": rows}, f, indent=1)
-    bad = [r["seqlen"] for r in rows if max(r["max_abs_err"].values()) > 5e-2]
+    bad = [r["seqlen"] for r in rows if not max(r["rel_err"].values()) < 0.1]
     if bad:
-        print(f"CHECK FAILED at seqlens {bad}: errors far above bf16 rounding", file=sys.stderr)
+        print(f"CHECK FAILED at seqlens {bad}: errors far above bf16 rounding (a wrong offset gives ~1)",
+              file=sys.stderr)
         return 1
     return 0
 
