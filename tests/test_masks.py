@@ -1,4 +1,4 @@
-"""flashattn.masks: visible, mask_matrix, key_range, query_range and block_is_full against a brute-force
+"""flashattn.masks: visible, mask_matrix, key_range, query_range, block_is_full, visible_box and block_window against a brute-force
 definition, exhaustively over a small grid (cheap: every combination runs in a few seconds).
 
 Brute force, from flash_attn's docstring: query i sees key j iff 0 <= j < sk and
@@ -110,6 +110,34 @@ def test_block_is_full_past_the_last_key():
     # a tile that sticks out past seqlen_k (padding in a kernel) is never "full"
     assert masks.block_is_full(0, 4, 0, 4, 4, 4, -1, -1)
     assert not masks.block_is_full(0, 4, 0, 8, 4, 4, -1, -1)
+
+
+def test_visible_box_and_block_window_restate_the_mask_of_a_sub_block():
+    """Ring attention's cut: a block of the score matrix attended as a sequence of its own. The box holds
+    every visible pair of the block, and inside it the block's own window gives exactly the parent's mask."""
+    for sq, sk, left, right in itertools.product(range(1, 6), range(1, 6), [-1, 0, 1, 3], [-1, 0, 1, 3]):
+        m = brute(sq, sk, left, right)
+        for q_lo, q_hi in itertools.combinations(range(sq + 1), 2):
+            for k_lo, k_hi in itertools.combinations(range(sk + 1), 2):
+                where = (sq, sk, left, right, q_lo, q_hi, k_lo, k_hi)
+                block = m[q_lo:q_hi, k_lo:k_hi]
+                box = masks.visible_box(q_lo, q_hi, k_lo, k_hi, sq, sk, left, right)
+                if box is None:
+                    assert not block.any(), where
+                    continue
+                a, b, c, d = box
+                assert q_lo <= a < b <= q_hi and k_lo <= c < d <= k_hi, where
+                assert block.sum() == m[a:b, c:d].sum(), where                 # nothing visible left outside
+                assert m[a:b, c:d].any(axis=1).all() and m[a:b, c:d].any(axis=0).all(), where   # tight
+                lw, rw = masks.block_window(a, b, c, d, sq, sk, left, right)
+                assert (lw == -1) == (left == -1) and (rw == -1) == (right == -1), where
+                assert np.array_equal(brute(b - a, d - c, lw, rw), m[a:b, c:d]), where
+
+
+def test_block_window_refuses_an_untrimmed_block():
+    # causal, rows 4..5 against keys 0..5: keys past the last row's diagonal need right < 0 without trimming
+    with pytest.raises(ValueError, match="visible_box"):
+        masks.block_window(0, 2, 0, 6, 6, 6, -1, 0)
 
 
 @pytest.mark.parametrize("block_q,block_k", [(1, 1), (2, 3), (4, 4), (3, 8)])

@@ -118,6 +118,45 @@ def block_is_full(q_lo: int, q_hi: int, k_lo: int, k_hi: int, seqlen_q: int, seq
     return ok_left and ok_right and k_hi <= seqlen_k
 
 
+def visible_box(q_lo: int, q_hi: int, k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int, left: int,
+                right: int) -> Optional[Tuple[int, int, int, int]]:
+    """The smallest sub-block (q_lo', q_hi', k_lo', k_hi') of the block [q_lo, q_hi) × [k_lo, k_hi) that holds
+    every visible pair of it, or None when no pair is visible (no sinks or global tokens).
+
+    Every row of the box sees some key of it and every key is seen by some row (the window is a band),
+    which is what makes `block_window` of the box a valid window. Ring attention cuts a sequence's
+    score matrix into such blocks, one per pair of shards.
+    """
+    a, b = key_range(q_lo, q_hi, seqlen_q, seqlen_k, left, right)
+    a, b = max(a, k_lo), min(b, k_hi)
+    if a >= b:
+        return None
+    c, d = query_range(a, b, seqlen_q, seqlen_k, left, right)
+    c, d = max(c, q_lo), min(d, q_hi)
+    return (c, d, a, b) if c < d else None
+
+
+def block_window(q_lo: int, q_hi: int, k_lo: int, k_hi: int, seqlen_q: int, seqlen_k: int, left: int,
+                 right: int) -> Tuple[int, int]:
+    """The window (left', right') that gives the block [q_lo, q_hi) × [k_lo, k_hi), attended as a sequence
+    of its own (seqlen q_hi - q_lo by k_hi - k_lo, diagonal bottom-right aligned), the visibility it has
+    inside the (seqlen_q, seqlen_k) matrix.
+
+    Row i' of the block is row q_lo + i'; key j' is key k_lo + j'. The parent's condition
+    j >= i + (seqlen_k - seqlen_q) - left becomes j' >= i' + (k_hi - k_lo) - (q_hi - q_lo) - left' with
+    left' = left + k_hi - q_hi - (seqlen_k - seqlen_q); the right side likewise. -1 stays unlimited. Both
+    are >= 0 for a `visible_box` (its last row sees a key, its last key is seen), which is required: the
+    window of the API cannot express a negative limit.
+    """
+    off = seqlen_k - seqlen_q
+    new_left = -1 if left < 0 else left + k_hi - q_hi - off
+    new_right = -1 if right < 0 else right + q_hi - k_hi + off
+    if new_left < -1 or new_right < -1 or (left >= 0 and new_left < 0) or (right >= 0 and new_right < 0):
+        raise ValueError(f"block [{q_lo}, {q_hi}) x [{k_lo}, {k_hi}) needs window ({new_left}, {new_right}): "
+                         "trim it with visible_box first")
+    return new_left, new_right
+
+
 def alibi_bias(slopes: torch.Tensor, q_idx, k_idx, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """ALiBi bias ``-slope * |diag(i) - j|`` (flash_attn's definition), broadcast as slopes[..., None, None]."""
     dist = (q_idx + (seqlen_k - seqlen_q) - k_idx).abs()
