@@ -138,5 +138,38 @@ def test_bad_max_seqlen_and_shapes():
         flash_attn_varlen_func(q[None], k, v, cu, cu, 6, 6)
     with pytest.raises(ValueError, match=r"alibi_slopes must have shape .*\(2, 2\)"):
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, alibi_slopes=torch.ones(3, 2))
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(ValueError, match="k must have 4 dimensions"):   # with block_table, k and v are page pools
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 7])
+def test_paged_kv_varlen_equals_packed(page_size):
+    """block_table: k, v as page pools; the result and the gradients equal the packed call's."""
+    from flashattn import flash_attn_varlen_func
+    torch.manual_seed(page_size)
+    lens_q, lens_k = [3, 0, 5], [9, 4, 13]
+    h, hk, d = 4, 2, 16
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 13, 26], dtype=torch.int32)
+    q = torch.randn(8, h, d, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(26, hk, d, dtype=torch.float64), torch.randn(26, hk, d, dtype=torch.float64)
+    per_seq = max(-(-n // page_size) for n in lens_k)
+    num_pages = 3 * per_seq + 2
+    perm = torch.randperm(num_pages)[:3 * per_seq].view(3, per_seq).to(torch.int32)
+    k_pages = torch.zeros(num_pages, page_size, hk, d, dtype=torch.float64)
+    v_pages = torch.zeros_like(k_pages)
+    for i, (a, n) in enumerate(zip(cu_k[:-1].tolist(), lens_k)):
+        for j in range(n):
+            k_pages[perm[i, j // page_size], j % page_size] = k[a + j]
+            v_pages[perm[i, j // page_size], j % page_size] = v[a + j]
+    k_pages.requires_grad_(), v_pages.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out = flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 5, 13, causal=True, block_table=perm)
+    ref = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 13, causal=True)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    dq, dkp = torch.autograd.grad(out, (q, k_pages), g)
+    dq_ref, dk_ref = torch.autograd.grad(ref, (q, k), g)
+    torch.testing.assert_close(dq, dq_ref)
+    torch.testing.assert_close(dkp[perm[2, 0], 0], dk_ref[13])   # the first key of sequence 2
+    with pytest.raises(ValueError, match="names page"):
+        flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 5, 13, block_table=perm + 100)

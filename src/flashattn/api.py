@@ -356,7 +356,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         cu_seqlens_k: (batch + 1,) int32, the same for k and v.
         max_seqlen_q, max_seqlen_k: int, at least the longest sequence (sizes the launch grid).
         alibi_slopes: (nheads,) or (batch, nheads).
-        block_table: paged KV caches are not supported here yet (NotImplementedError).
+        block_table: (batch, max_pages_per_seq) int32 or None. With it, k and v are page pools
+            (num_pages, page_size, nheads_k, headdim), any page_size >= 1, and sequence i's keys are the
+            first cu_seqlens_k[i+1] - cu_seqlens_k[i] rows of its pages block_table[i, 0], [i, 1], ...
+            They are gathered into a packed batch first (gradients flow back into the pools); for
+            decoding, flash_attn_with_kvcache reads pages in place.
         The other arguments as in flash_attn_func; masks apply within each sequence (causal aligned
         bottom-right per sequence). The boundaries are checked, which reads cu_seqlens on the host once.
     Return:
@@ -364,12 +368,41 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         softmax_lse [if return_attn_probs]: (nheads, total_q) float32; S_dmask: None.
     """
     if block_table is not None:
-        raise NotImplementedError("block_table (a paged KV cache) is not supported by flash_attn_varlen_func yet; "
-                                  "pass contiguous k and v")
+        k, v = _paged_to_packed(k, v, block_table, cu_seqlens_k, q)
     out, lse, _ = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink_tokens, global_tokens,
                              block_mask)
     return _result(out, lse, return_attn_probs)
+
+
+def _paged_to_packed(k_pages, v_pages, block_table, cu_seqlens_k, q):
+    """Checked page pools and table -> packed (total_k, nheads_k, headdim) k, v, flash_attn's paged varlen."""
+    from .kvcache import gather_pages
+    for name, x in (("k", k_pages), ("v", v_pages)):
+        _check_tensor(name, x, "(num_pages, page_size, nheads_k, headdim) with block_table")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"with block_table, k and v are page pools of one shape, got {tuple(k_pages.shape)} and "
+                         f"{tuple(v_pages.shape)}")
+    if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+            or not isinstance(cu_seqlens_k, torch.Tensor) or block_table.shape[0] != cu_seqlens_k.numel() - 1):
+        raise ValueError("block_table must be an int32 tensor of shape (batch, max_pages_per_seq) with batch = "
+                         f"len(cu_seqlens_k) - 1, got {getattr(block_table, 'dtype', type(block_table).__name__)} "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}; move it")
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    page_size, pages = k_pages.shape[1], k_pages.shape[0]
+    if not torch.compiler.is_compiling():
+        n, rows = lens.tolist(), block_table.tolist()
+        for i, (length, row) in enumerate(zip(n, rows)):
+            if length > len(row) * page_size:
+                raise ValueError(f"sequence {i} has {length} keys but block_table gives it {len(row)} pages of "
+                                 f"{page_size} rows")
+            bad = [p for p in row[:-(-length // page_size)] if not 0 <= p < pages]
+            if bad:
+                raise ValueError(f"block_table[{i}] names page {bad[0]}, outside the {pages} pages of k and v")
+    k, v, _ = gather_pages(k_pages, v_pages, block_table, torch.zeros_like(lens), lens)
+    return k, v
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -269,20 +269,27 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, p: _Plan) -> Tuple[Tens
     return _attend_gathered(q, k_cache, v_cache, p)
 
 
+def gather_pages(k_cache: Tensor, v_cache: Tensor, table: Tensor, start: Tensor, length: Tensor):
+    """Sequence b's cache rows start[b] … start[b] + length[b] − 1, read through its page table row, packed
+    one sequence after another: k, v (sum(length), nheads_k, headdim) and cu_seqlens (b + 1,) int32.
+    k_cache, v_cache: (pages, page_size, nheads_k, headdim); table (b, pages per sequence)."""
+    b, page_size = table.shape[0], k_cache.shape[1]
+    seq = torch.repeat_interleave(torch.arange(b, device=table.device), length.long())       # (total,)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=table.device)
+    cu[1:] = torch.cumsum(length, 0)
+    row = start.long()[seq] + torch.arange(seq.numel(), device=table.device) - cu[:-1].long()[seq]
+    page = table.long()[seq, row // page_size]
+    slot = row % page_size
+    return k_cache[page, slot], v_cache[page, slot], cu
+
+
 def _attend_gathered(q, k_cache, v_cache, p: _Plan) -> Tuple[Tensor, Tensor]:
     """The portable path: gather each sequence's keys into a packed batch, run the varlen forward."""
     b, sq, h, d = q.shape
     leftpad = p.leftpad if p.leftpad is not None else torch.zeros_like(p.seqlens)
     k_len = p.seqlens + p.s_new - leftpad
     lens = k_len.tolist()
-    seq = torch.repeat_interleave(torch.arange(b, device=q.device), k_len.long())             # (total_k,)
-    cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    cu_k[1:] = torch.cumsum(k_len, 0)
-    j = torch.arange(seq.numel(), device=q.device) - cu_k[:-1].long()[seq]                  # key index in its sequence
-    row = leftpad.long()[seq] + j
-    page = _table(p, b, q.device).long()[seq, row // p.page_size]
-    slot = row % p.page_size
-    k, v = k_cache[page, slot], v_cache[page, slot]                                          # (total_k, hk, d)
+    k, v, cu_k = gather_pages(k_cache, v_cache, _table(p, b, q.device), leftpad, k_len)   # (total_k, hk, d)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
     out, lse = ops.fwd(q.reshape(b * sq, h, d), k, v, p.scale, p.left, p.right, p.softcap, p.alibi, cu_q, cu_k, sq,
                        max(lens, default=0), p.num_sink, 0.0, None, None, None, None, None, choose_backend(q))
