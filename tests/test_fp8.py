@@ -469,6 +469,39 @@ def test_dispatch_needs_fp8_tensor_cores(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# the accuracy report
+
+
+def test_accuracy_report_on_cpu(tmp_path):
+    """benchmarks/fp8_accuracy.py at a small size on the PyTorch path: it runs, writes its JSON, and its
+    numbers have the expected order (3 mantissa bits against bf16's 8; the rotation helps outliers)."""
+    import json
+
+    from flashattn.bench import fp8_accuracy
+
+    path = tmp_path / "fp8.json"
+    assert fp8_accuracy.main(["--device", "cpu", "--backend", "torch", "--seqlen", "128", "--heads", "2", "--hdim",
+                              "64", "--json", str(path)]) == 0
+    (run,) = json.loads(path.read_text())["runs"]
+    fwd, bwd = run["forward"], run["backward"]
+    for kind in fp8_accuracy.DATA:
+        assert 3 * fwd[kind]["bf16"] < fwd[kind]["fp8 head"] < 1.0, (kind, fwd[kind])
+    assert fwd["outlier channels"]["fp8 head + rot"] < 0.5 * fwd["outlier channels"]["fp8 head"]
+    assert set(bwd) == {"bf16", "fp8 head", "fp8 head + rot", "fp8 head vs bf16"}
+    assert all(3 * bwd["bf16"][g] < bwd["fp8 head"][g] < 1.0 for g in ("dq", "dk", "dv")), bwd
+
+
+def test_bench_fp8_accuracy_option_runs_the_report(monkeypatch):
+    from flashattn import bench
+    from flashattn.bench import fp8_accuracy
+
+    seen = []
+    monkeypatch.setattr(fp8_accuracy, "main", lambda argv: seen.append(argv) or 0)
+    assert bench.main(["--fp8-accuracy", "--device", "cpu", "--json", "x.json"]) == 0
+    assert seen == [["--device", "cpu", "--seed", "0", "--json", "x.json"]]
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU tier (pytest -m gpu)
 
 gpu = pytest.mark.gpu
