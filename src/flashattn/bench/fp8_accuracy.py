@@ -94,11 +94,11 @@ def _forward(method: str, q, k, v, causal: bool, seed: int, setup: Setup):
 
 
 def forward_errors(q, k, v, causal: bool, setup: Setup, seed: int = 0) -> Dict[str, float]:
-    """{method: relative RMS error} of one input set; ref computed on the CPU in float64."""
+    """{method: relative RMS error} of one input set; ref in float64 on the same device."""
     from flashattn import attention_ref
 
-    ref = attention_ref(q.double(), k.double(), v.double(), causal=causal)[0]
     qd, kd, vd = (x.to(setup.device) for x in (q, k, v))
+    ref = attention_ref(qd.double(), kd.double(), vd.double(), causal=causal)[0]
     return {m: _rel_rms(_forward(m, qd, kd, vd, causal, seed, setup), ref) for m in METHODS}
 
 
@@ -109,8 +109,8 @@ def backward_errors(q, k, v, causal: bool, setup: Setup, seed: int = 0) -> Dict[
 
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(q.shape, generator=g).bfloat16()
-    leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    ref = torch.autograd.grad(attention_ref(*leaves, causal=causal)[0], leaves, w.double())
+    leaves = [x.to(device=setup.device, dtype=torch.float64).requires_grad_() for x in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves, causal=causal)[0], leaves, w.to(setup.device).double())
 
     def grads(fn, backend):
         xs = [x.to(device=setup.device, dtype=torch.bfloat16).requires_grad_() for x in (q, k, v)]
