@@ -245,6 +245,23 @@ def test_custom_op_opcheck_fp8():
     assert all(g.dtype == torch.float16 for g in torch.ops.flashattn.bwd(*bargs))
 
 
+def test_torch_compile_fullgraph_fp8(backend):
+    """The custom op with its descale tensor traces without graph breaks (the PyTorch path here)."""
+    backend("torch")
+    try:
+        probe = torch.compile(lambda t: torch.sin(t) * 2 + 1, fullgraph=True)
+        assert torch.allclose(probe(torch.ones(4)), torch.sin(torch.ones(4)) * 2 + 1)
+    except Exception:   # no C++ toolchain for inductor, or similar: not what this test is about
+        pytest.skip("torch.compile does not work on this machine")
+    torch._dynamo.reset()
+    x = fp8.quantize_qkv(*_qkv(1, 20, 20, 4, 2, 32, seed=16), "head")
+
+    def f(q, k, v, qd, kd, vd):
+        return flash_attn_func(q, k, v, causal=True, q_descale=qd, k_descale=kd, v_descale=vd) * 2
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(*x), f(*x))
+
+
 # ------------------------------------------------------------------------------------------------
 # the Triton kernels under the interpreter
 
