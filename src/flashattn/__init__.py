@@ -13,7 +13,7 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
-from . import nn, padding, rotary
+from . import fp8, nn, padding, rotary
 from .blocksparse import BlockMask
 from .combine import flash_attn_combine
 from .kvcache import PagedKVCache, StreamingKVCache, flash_attn_with_kvcache
@@ -36,6 +36,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "fp8",
     "nn",
     "pad_input",
     "padding",

@@ -18,6 +18,9 @@ from .reference import attention_ref
 MAX_HEADDIM = 256
 MIN_HEADDIM = 8
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8_DTYPE = torch.float8_e4m3fn
+_FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)
+FP8_MIN_CAPABILITY = (8, 9)   # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,12 +37,23 @@ def triton_available() -> bool:
     return callable(getattr(module, "forward", None)) and callable(getattr(module, "backward", None))
 
 
+def _capability(device: torch.device):
+    # get_device_properties, not get_device_capability: torch.compile folds the former into a constant
+    p = torch.cuda.get_device_properties(device)
+    return p.major, p.minor
+
+
+def _fp8_capable(device: torch.device) -> bool:
+    return _capability(device) >= FP8_MIN_CAPABILITY
+
+
 def choose_backend(q: torch.Tensor) -> str:
     """The one dispatch point.
 
     FLASHATTN_BACKEND=reference|torch|triton forces a backend. Otherwise: CUDA tensors in fp16/bf16
-    go to the Triton kernels; everything else (CPU, other devices, float32/float64) to the PyTorch
-    tiled path, which computes the same algorithm.
+    go to the Triton kernels, and so do float8_e4m3fn ones on GPUs with FP8 tensor cores (sm_89+);
+    everything else (CPU, other devices, float32/float64, FP8 on older GPUs) to the PyTorch tiled
+    path, which computes the same algorithm (for FP8: on the dequantized inputs).
     """
     forced = os.environ.get("FLASHATTN_BACKEND", "").strip().lower()
     if forced:
@@ -49,8 +63,15 @@ def choose_backend(q: torch.Tensor) -> str:
         if forced == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("FLASHATTN_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
                              f"kernels on the CPU), got tensors on {q.device}")
+        if forced == "triton" and q.dtype == FP8_DTYPE and q.is_cuda and not _fp8_capable(q.device):
+            major, minor = _capability(q.device)
+            raise ValueError(f"FLASHATTN_BACKEND=triton with float8_e4m3fn inputs needs FP8 tensor cores (sm_89 or "
+                             f"newer: Ada, Hopper), this GPU is sm_{major}{minor}; use FLASHATTN_BACKEND=torch (the "
+                             "PyTorch path computes FP8 attention on any device) or bf16 inputs")
         return forced
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and triton_available():
+        return "triton"
+    if q.is_cuda and q.dtype == FP8_DTYPE and triton_available() and _fp8_capable(q.device):
         return "triton"
     return "torch"
 
@@ -59,7 +80,7 @@ def choose_backend(q: torch.Tensor) -> str:
 # argument checks
 
 
-def _check_tensor(name: str, x, layout: str, ndim: int = 4) -> None:
+def _check_tensor(name: str, x, layout: str, ndim: int = 4, allow_fp8: bool = False) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -68,15 +89,23 @@ def _check_tensor(name: str, x, layout: str, ndim: int = 4) -> None:
             hint = ("; add the missing batch dimension with .unsqueeze(0), or use flash_attn_varlen_func for "
                     "packed (total_tokens, nheads, headdim) batches")
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}{hint}")
+    if x.dtype == FP8_DTYPE and allow_fp8:
+        return
+    if x.dtype == FP8_DTYPE:
+        raise TypeError(f"{name} is float8_e4m3fn: FP8 attention is supported by flash_attn_func (dense batches, "
+                        "with q_descale/k_descale/v_descale); here convert the inputs to bfloat16 "
+                        "(flashattn.fp8.dequantize(x, descale).to(torch.bfloat16))")
     if x.dtype not in _FLOAT_DTYPES:
+        fp8 = " (FP8 attention takes float8_e4m3fn: quantize with flashattn.fp8.quantize)" if x.is_floating_point() else ""
         raise TypeError(f"{name} has dtype {x.dtype}; attention needs a floating-point tensor "
-                        "(float16, bfloat16, float32 or float64): convert it with .to(torch.bfloat16) or similar")
+                        "(float16, bfloat16, float32 or float64): convert it with .to(torch.bfloat16) or similar"
+                        + fp8)
 
 
-def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)") -> None:
+def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)", allow_fp8: bool = False) -> None:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d), flash_attn layout."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, layout)
+        _check_tensor(name, x, layout, allow_fp8=allow_fp8)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
                         "convert them to the same dtype")
@@ -102,7 +131,9 @@ def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)") -> Non
         raise ValueError(f"nheads of q ({h}) must be a multiple of nheads of k/v ({hk}) "
                          "(multi-query / grouped-query attention); choose head counts that divide")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.numel() > 0 and x.stride(-1) != 1:
+        # FP8 v may instead have its seqlen axis contiguous: the layout the FP8 kernel reads (no copy then)
+        keys_contiguous = name == "v" and x.dtype == FP8_DTYPE and x.stride(1) == 1
+        if x.numel() > 0 and x.stride(-1) != 1 and not keys_contiguous:
             raise ValueError(f"the last dimension (headdim) of {name} must be contiguous (stride 1), got "
                              f"{name}.stride() = {x.stride()}; call {name}.contiguous()")
 
@@ -205,12 +236,58 @@ def _block_mask_tensors(block_mask, q, k, varlen: bool):
     return block_mask.layout, block_mask.partial_id, block_mask.partial
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0,
-               global_tokens=None, block_mask=None):
-    """Checked inputs -> (out, lse). Dense (b, s, h, d) inputs, or packed (total, h, d) ones with cu_seqlens."""
+def _fp8_descale(q, k, v, descales, out_dtype, dropout_p, global_tokens, block_mask):
+    """Checks FP8 inputs and their options; returns the op's descale tensor (b, hk, 3) float32 (q, k, v
+    factors, ones where None was given) and the output dtype, or (None, None) for other inputs."""
+    names = ("q_descale", "k_descale", "v_descale")
+    if q.dtype != FP8_DTYPE:
+        for name, d in zip(names, descales):
+            if d is not None:
+                raise ValueError(f"{name} is given but q, k, v are {q.dtype}: descale factors apply to float8_e4m3fn "
+                                 f"inputs only; drop {name}, or quantize the inputs with flashattn.fp8.quantize")
+        if out_dtype is not None and out_dtype != q.dtype:
+            raise ValueError(f"out_dtype={out_dtype} applies to float8_e4m3fn inputs; with {q.dtype} inputs the "
+                             "output has their dtype: drop out_dtype and cast the result")
+        return None, None
+    if out_dtype is None:
+        out_dtype = torch.bfloat16
+    if out_dtype not in _FP8_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float16 for float8 inputs, got {out_dtype!r}")
+    for what, bad in (("dropout_p > 0", dropout_p > 0.0), ("global_tokens", global_tokens is not None),
+                      ("block_mask", block_mask is not None)):
+        if bad:
+            raise NotImplementedError(f"{what} is not supported with float8_e4m3fn inputs yet; run these in "
+                                      "bfloat16 (flashattn.fp8.dequantize(x, descale).to(torch.bfloat16))")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("float8_e4m3fn q, k or v requires grad: autograd would round its gradient to float8. "
+                         "For FP8 training call flashattn.fp8.attention(q, k, v, ...) on the bf16 tensors (it "
+                         "quantizes inside and returns bf16 gradients), or pass detached FP8 inputs")
+    b, hk = k.shape[0], k.shape[2]
+    factors = []
+    for name, d in zip(names, descales):
+        if d is None:
+            d = torch.ones(1, device=q.device)
+        elif not isinstance(d, torch.Tensor):
+            raise TypeError(f"{name} must be a float32 tensor of shape (1,) or (batch, nheads_k)=({b}, {hk}), "
+                            f"got {type(d).__name__}; wrap a number as torch.tensor([x], device=q.device)")
+        elif d.dtype != torch.float32:
+            raise TypeError(f"{name} must have dtype torch.float32, got {d.dtype}; convert it with .float()")
+        elif tuple(d.shape) not in ((1,), (b, hk)):
+            raise ValueError(f"{name} must have shape (1,) (per tensor) or (batch, nheads_k)=({b}, {hk}) (per batch "
+                             f"entry and kv head; q's is per kv head too), got {tuple(d.shape)}")
+        elif d.device != q.device:
+            raise ValueError(f"{name} is on {d.device} but q is on {q.device}; move it with .to(q.device)")
+        factors.append(d.expand(b, hk))
+    return torch.stack(factors, dim=-1).contiguous(), out_dtype
+
+
+def _op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink_tokens=0,
+             global_tokens=None, block_mask=None, descales=(None, None, None), out_dtype=None) -> tuple:
+    """Checked inputs -> the arguments of ops.fwd. Dense (b, s, h, d) inputs, or packed (total, h, d) ones
+    with cu_seqlens; FP8 inputs (dense only) with descales = (q_descale, k_descale, v_descale)."""
     if cu_seqlens_q is None:
-        _check_qkv(q, k, v)
+        _check_qkv(q, k, v, allow_fp8=True)
         batch = q.shape[0]
         longest = max(q.shape[1], k.shape[1])
     else:
@@ -231,11 +308,17 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     num_sink = int(num_sink_tokens) if left >= 0 else 0
     flags = _global_flags(global_tokens, bool(causal), longest, q.device)
     blocks = _block_mask_tensors(block_mask, q, k, cu_seqlens_q is not None)
+    descale, out_dtype = _fp8_descale(q, k, v, descales, out_dtype, dropout_p, global_tokens, block_mask)
     seed = dropout.draw_seed() if dropout_p > 0.0 else None
-    out, lse = ops.attention(q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                       int(max_seqlen_q), int(max_seqlen_k), num_sink, float(dropout_p), seed, flags, *blocks,
-                       choose_backend(q))
-    return out, lse, seed
+    return (q, k, v, scale, left, right, float(softcap), alibi_slopes, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+            int(max_seqlen_k), num_sink, float(dropout_p), seed, flags, *blocks, choose_backend(q), descale, out_dtype)
+
+
+def _attention(*args, **kwargs):
+    """Checked inputs -> (out, lse, dropout seed); the arguments of _op_args."""
+    op_args = _op_args(*args, **kwargs)
+    out, lse = ops.attention(*op_args)
+    return out, lse, op_args[14]
 
 
 def _result(out, lse, return_attn_probs, probs=None):
@@ -249,7 +332,8 @@ def _result(out, lse, return_attn_probs, probs=None):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, num_sink_tokens=0,
-                    global_tokens=None, block_mask=None):
+                    global_tokens=None, block_mask=None, q_descale=None, k_descale=None, v_descale=None,
+                    out_dtype=None):
     """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile.
 
     Arguments:
@@ -292,14 +376,22 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         block_mask: a flashattn.BlockMask (from a FlexAttention-style mask_mod(b, h, q_idx, kv_idx) or
             a boolean block layout), ANDed with the other masks; absent tiles are skipped (on the GPU
             the kernels' tiles are the mask's block_size). Not with varlen batches.
+        q_descale, k_descale, v_descale: FP8 only (q, k, v in torch.float8_e4m3fn, e.g. from
+            flashattn.fp8.quantize_qkv): float32 tensors of shape (1,) or (batch, nheads_k) (q's too:
+            one factor per kv-head group), None = 1; the inputs stand for x_fp8 · descale. Computed
+            with fp32 accumulation; P is quantized to e4m3 (times 256) for the P·V product on the
+            GPU; the PyTorch path computes on the dequantized inputs. No dropout, global tokens or
+            block masks with FP8; no autograd through FP8 tensors (see flashattn.fp8.attention).
+        out_dtype: FP8 only: torch.bfloat16 (default) or torch.float16.
     Return:
-        out: (batch, seqlen_q, nheads, headdim), dtype of q.
+        out: (batch, seqlen_q, nheads, headdim), dtype of q (out_dtype for FP8 inputs).
         softmax_lse [if return_attn_probs]: (batch, nheads, seqlen_q), float32, natural log of the
             softmax denominator of each row (scaled scores).
         S_dmask [if return_attn_probs]: the probabilities above, or None.
     """
     out, lse, seed = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                num_sink_tokens=num_sink_tokens, global_tokens=global_tokens, block_mask=block_mask)
+                                num_sink_tokens=num_sink_tokens, global_tokens=global_tokens, block_mask=block_mask,
+                                descales=(q_descale, k_descale, v_descale), out_dtype=out_dtype)
     probs = None
     if return_attn_probs and seed is not None:   # for testing: the (b, h, sq, sk) matrix that multiplied v
         with torch.no_grad():

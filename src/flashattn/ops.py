@@ -8,6 +8,11 @@ Two layouts share the ops. Dense: q (b, sq, h, d), k, v (b, sk, hk, d), lse (b, 
 Packed variable-length ("varlen", cu_seqlens given): q (total_q, h, d), k, v (total_k, hk, d),
 sequence i occupying rows cu_seqlens[i]:cu_seqlens[i+1], lse (h, total_q) — flash_attn's layouts.
 Backends with `VARLEN_NATIVE = True` take the packed batch whole; the others run sequence by sequence.
+
+FP8 (dense layout only): q, k, v float8_e4m3fn with `descale` (b, hk, 3) float32, the q, k, v descale
+factors of each batch entry and kv head; out in `out_dtype`; `flashattn::bwd` with the same descale
+returns gradients of the dequantized inputs in dout's dtype. The public API builds descale and
+refuses gradients that autograd would have to cast to float8 (flashattn.fp8.attention trains instead).
 """
 from __future__ import annotations
 
@@ -66,6 +71,17 @@ def _backward_each(module, dout, q, k, v, out, lse, options, alibi_slopes, cu_q,
     return dq, dk, dv
 
 
+def _fp8_extra(descale: Optional[Tensor], out_dtype: Optional[torch.dtype] = None, forward: bool = True) -> dict:
+    """Keyword options of FP8 inputs, none otherwise (backends see FP8 keywords only for FP8 inputs)."""
+    if descale is None:
+        return {}
+    return {"descale": descale, "out_dtype": out_dtype} if forward else {"descale": descale}
+
+
+def _out_dtype(q: Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    return q.dtype if out_dtype is None else out_dtype
+
+
 def _extra(q, k, num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
            block_mask_tensors) -> dict:
     """Keyword options every backend takes: sinks, dropout with its seed as a Python int, global tokens,
@@ -87,18 +103,22 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left
         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, num_sink: int,
         dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
         block_layout: Optional[Tensor], block_partial_id: Optional[Tensor], block_partial: Optional[Tensor],
-        backend: str) -> Tuple[Tensor, Tensor]:
-    """-> out (like q, contiguous) and lse, float32 (float64 for float64 inputs), in the layouts above."""
+        backend: str, descale: Optional[Tensor] = None,
+        out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """-> out (like q, contiguous; in out_dtype if given) and lse, float32 (float64 for float64 inputs),
+    in the layouts above."""
     varlen = cu_seqlens_q is not None
     lse_shape, lse_dt = _lse_shape(q, varlen), lse_dtype(q.dtype)
+    out_dt = _out_dtype(q, out_dtype)
     if q.numel() == 0:                       # nothing to compute; kernels need not handle empty grids
-        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=lse_dt)
+        return q.new_empty(q.shape, dtype=out_dt), q.new_empty(lse_shape, dtype=lse_dt)
     if k.shape[-3] == 0:                     # no key at all: every row sees nothing
-        return q.new_zeros(q.shape), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
+        return q.new_zeros(q.shape, dtype=out_dt), q.new_full(lse_shape, float("-inf"), dtype=lse_dt)
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
     extra = _extra(q, k, num_sink, dropout_p, dropout_seed, global_flags,
                    (block_layout, block_partial_id, block_partial))
+    extra.update(_fp8_extra(descale, out_dt))
     if not varlen:
         out, lse = module.forward(q, k, v, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
@@ -115,8 +135,9 @@ fwd = torch.library.custom_op("flashattn::fwd", mutates_args=())(_fwd_impl)
 @fwd.register_fake
 def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
               cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags,
-              block_layout, block_partial_id, block_partial, backend):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
+              block_layout, block_partial_id, block_partial, backend, descale=None, out_dtype=None):
+    return (q.new_empty(q.shape, dtype=_out_dtype(q, out_dtype)),
+            q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype)))
 
 
 def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
@@ -124,14 +145,16 @@ def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
         num_sink: int, dropout_p: float, dropout_seed: Optional[Tensor], global_flags: Optional[Tensor],
         block_layout: Optional[Tensor], block_partial_id: Optional[Tensor], block_partial: Optional[Tensor],
-        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients dq, dk, dv (shapes and dtypes of q, k, v) from dout (like out) and the saved out, lse."""
+        backend: str, descale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients dq, dk, dv (shapes and dtypes of q, k, v; dout's dtype for FP8 inputs) from dout (like out)
+    and the saved out, lse."""
     if q.numel() == 0 or k.numel() == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        return tuple(x.new_zeros(x.shape, dtype=_grad_dtype(x, dout, descale)) for x in (q, k, v))
     module = backend_module(backend)
     options = (softmax_scale, window_left, window_right, softcap)
     extra = _extra(q, k, num_sink, dropout_p, dropout_seed, global_flags,
                    (block_layout, block_partial_id, block_partial))
+    extra.update(_fp8_extra(descale, forward=False))
     if cu_seqlens_q is None:
         dq, dk, dv = module.backward(dout, q, k, v, out, lse, *options, alibi_slopes, **extra)
     elif getattr(module, "VARLEN_NATIVE", False):
@@ -143,23 +166,27 @@ def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
+def _grad_dtype(x: Tensor, dout: Tensor, descale: Optional[Tensor]) -> torch.dtype:
+    return x.dtype if descale is None else dout.dtype
+
+
 bwd = torch.library.custom_op("flashattn::bwd", mutates_args=())(_bwd_impl)
 
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, alibi_slopes,
               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_sink, dropout_p, dropout_seed, global_flags,
-              block_layout, block_partial_id, block_partial, backend):
+              block_layout, block_partial_id, block_partial, backend, descale=None):
     # contiguous whatever the inputs' strides (empty_like would copy a transposed input's strides)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(x.new_empty(x.shape, dtype=_grad_dtype(x, dout, descale)) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, scale, left, right, softcap, alibi_slopes, cu_q, cu_k, max_q, max_k, num_sink, dropout_p,
-     dropout_seed, global_flags, block_layout, block_partial_id, block_partial, backend) = inputs
+     dropout_seed, global_flags, block_layout, block_partial_id, block_partial, backend, descale, _out_dtype) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_q, cu_k, dropout_seed, global_flags, block_layout,
-                          block_partial_id, block_partial)
+                          block_partial_id, block_partial, descale)
     ctx.options = (scale, left, right, softcap)
     ctx.max_seqlens = (max_q, max_k)
     ctx.num_sink = num_sink
@@ -169,10 +196,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     # lse is returned for inspection and for merging partial results; gradients flow through out only.
-    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask, descale = ctx.saved_tensors
     dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens, ctx.num_sink,
-                     ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend)
-    return (dq, dk, dv) + (None,) * 17
+                     ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend, descale)
+    return (dq, dk, dv) + (None,) * 19
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -192,11 +219,10 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k,
-                               *ctx.max_seqlens, ctx.num_sink, ctx.dropout_p, seed, global_flags, *block_mask,
-                               ctx.backend)
-        return (dq, dk, dv) + (None,) * 17
+        q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask, descale = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens,
+                               ctx.num_sink, ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend, descale)
+        return (dq, dk, dv) + (None,) * 19
 
 
 def attention(*inputs) -> Tuple[Tensor, Tensor]:

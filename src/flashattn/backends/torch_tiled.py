@@ -8,6 +8,10 @@ Query rows are packed per key/value head: the `group = nheads // nheads_k` query
 key/value head form the rows of one (group · block_q, block_k) tile (GQA packing), so each key/value
 block is read once per group and dK, dV sum over the group inside the matmuls.
 Blocks are computed in float32 (float64 for float64 inputs, so the path stays exact enough for gradcheck).
+
+FP8 inputs (float8_e4m3fn with a (b, hk, 3) `descale`) follow the definition: each tile is dequantized
+to float32 (stored value × its descale factor) and attended exactly, with no quantization of P; the
+output is in `out_dtype`, the gradients (experimental) in dout's dtype.
 """
 from __future__ import annotations
 
@@ -110,6 +114,19 @@ class _Geometry(NamedTuple):
     block_mask: Optional[BlockMask]
 
 
+def _descales(descale: Optional[torch.Tensor], geo: _Geometry):
+    """The q, k, v descale factors of FP8 inputs as (b, hk, 1, 1) tensors in the compute dtype (they
+    broadcast against the (b, hk, rows, d) tiles), or three Nones."""
+    if descale is None:
+        return None, None, None
+    d = descale.to(geo.ct)
+    return tuple(d[..., i, None, None] for i in range(3))
+
+
+def _scaled(x: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if factor is None else x * factor
+
+
 def _geometry(q, k, window_left, window_right, num_sink=0, dropout_p=0.0, seed=0, batch_offset=0,
               global_flags=None, block_mask=None) -> _Geometry:
     b, sq, h, d = q.shape
@@ -205,21 +222,29 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
             dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
             global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
-            block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
+            block_q: Optional[int] = None, block_k: int = BLOCK_K, descale: Optional[torch.Tensor] = None,
+            out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
 
-    block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES."""
+    block_q defaults to BLOCK_Q, smaller when batch · heads would make a tile exceed TILE_BYTES.
+    FP8: q, k, v float8_e4m3fn, descale (b, hk, 3) float32 (q, k, v factors per batch entry and kv head),
+    out in out_dtype."""
     geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags,
                     block_mask)
     block_q, block_k = _tiles(geo, block_q, block_k)
-    kh, vh = _kv(k, geo), _kv(v, geo)
+    qd, kd, vd = _descales(descale, geo)
+    kh, vh = _scaled(_kv(k, geo), kd), _scaled(_kv(v, geo), vd)
     slopes = _row_slopes(alibi_slopes, geo)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if descale is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
     lse = torch.empty((geo.b, geo.sq, geo.hk * geo.g), device=q.device, dtype=lse_dtype(q.dtype))
     for q0 in range(0, geo.sq, block_q):
         q1 = min(q0 + block_q, geo.sq)
-        qs = _q_rows(q, q0, q1, geo) * softmax_scale   # the scale folded into q (never in place: may be a view of q)
+        # the scale folded into q (never in place: may be a view of q)
+        qs = _q_rows(q, q0, q1, geo) * (softmax_scale if qd is None else qd * softmax_scale)
         state = init_state(qs.shape[:-1], geo.d, q.device, geo.ct)
         for k0, k1 in _key_blocks(q0, q1, geo, block_k):   # blocks no query here can see are never touched
             s, _ = _scores(qs, kh[:, :, k0:k1], q0, q1, k0, k1, geo, softcap, slopes)
@@ -235,27 +260,31 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
              dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
              global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
-             block_q: Optional[int] = None, block_k: int = BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             block_q: Optional[int] = None, block_k: int = BLOCK_K,
+             descale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − Δ) with Δ = rowsum(dO ∘ O);  dQ = dS K · scale;  dK = dSᵀ Q · scale.
     With GQA rows packed per key/value head, the matmuls for dK and dV also sum over the group.
     Returns dq, dk, dv in the inputs' dtypes and shapes. Deterministic (a fixed loop order).
+    FP8 inputs (descale given): the gradients of the dequantized inputs, in dout's dtype.
     """
     geo = _geometry(q, k, window_left, window_right, num_sink, dropout_p, dropout_seed, batch_offset, global_flags,
                     block_mask)
     block_q, block_k = _tiles(geo, block_q, block_k)
-    kh, vh = _kv(k, geo), _kv(v, geo)
+    qd, kd, vd = _descales(descale, geo)
+    kh, vh = _scaled(_kv(k, geo), kd), _scaled(_kv(v, geo), vd)
+    grad_dtypes = (q.dtype, k.dtype, v.dtype) if descale is None else (dout.dtype,) * 3
     slopes = _row_slopes(alibi_slopes, geo)
     # per-row statistics in (b, s, h, 1) so that _q_rows packs them like q
     lse_rows = _finite_or_zero(lse.transpose(1, 2))[..., None]   # rows with lse = -inf have P = 0 anyway
     delta_rows = (dout.to(geo.ct) * out.to(geo.ct)).sum(dim=-1, keepdim=True)
-    dq = torch.empty((geo.b, geo.sq, geo.hk * geo.g, geo.d), device=q.device, dtype=q.dtype)
+    dq = torch.empty((geo.b, geo.sq, geo.hk * geo.g, geo.d), device=q.device, dtype=grad_dtypes[0])
     dk = torch.zeros((geo.b, geo.hk, geo.sk, geo.d), device=q.device, dtype=geo.ct)
     dv = torch.zeros_like(dk)
     for q0 in range(0, geo.sq, block_q):
         q1 = min(q0 + block_q, geo.sq)
-        qb, dob = _q_rows(q, q0, q1, geo), _q_rows(dout, q0, q1, geo)
+        qb, dob = _scaled(_q_rows(q, q0, q1, geo), qd), _q_rows(dout, q0, q1, geo)
         qs = qb * softmax_scale
         lse_b, delta_b = _q_rows(lse_rows, q0, q1, geo), _q_rows(delta_rows, q0, q1, geo)
         dq_acc = torch.zeros_like(qb)
@@ -274,5 +303,5 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
             dq_acc += torch.matmul(ds, kb)
             dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
         dq[:, q0:q1] = _rows_to_heads(dq_acc.mul_(softmax_scale), geo, q1 - q0)
-    dk = dk.mul_(softmax_scale).transpose(1, 2).to(k.dtype, memory_format=torch.contiguous_format)
-    return dq, dk, dv.transpose(1, 2).to(v.dtype, memory_format=torch.contiguous_format)
+    dk = dk.mul_(softmax_scale).transpose(1, 2).to(grad_dtypes[1], memory_format=torch.contiguous_format)
+    return dq, dk, dv.transpose(1, 2).to(grad_dtypes[2], memory_format=torch.contiguous_format)

@@ -12,6 +12,10 @@ SDPA in time, and against naive attention in peak extra memory (one fresh proces
     flashattn bench --device cpu --seqlens 8192
     flashattn bench --load a.json b.json --plot all.png --markdown BENCHMARKS.md
     flashattn bench decode [--contexts ...] [--batches ...]   # KV-cache decoding bandwidth (bench/decode.py)
+    flashattn bench --fp8-accuracy [--device cpu] [--json fp8.json]
+
+`--fp8-accuracy` prints the FP8 accuracy report instead (flashattn.bench.fp8_accuracy; its full set of
+options: benchmarks/fp8_accuracy.py --help).
 
 The table is printed last. Speed is reported as ratios to peers measured in the same run.
 """
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load", nargs="+", default=None, metavar="JSON",
                    help="run nothing: re-render GPU-mode JSON files (merged) as table, --plot, --markdown")
+    p.add_argument("--fp8-accuracy", action="store_true",
+                   help="instead of timing: the FP8 accuracy report (relative RMS error vs float64, FP8 vs bf16; "
+                        "uses --device, --json, --seed; more options in benchmarks/fp8_accuracy.py --help)")
     return p
 
 
@@ -160,6 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .decode import run as run_decode
         return run_decode(argv[1:])
     args = build_parser().parse_args(argv)
+
+    if args.fp8_accuracy:
+        from . import fp8_accuracy
+        return fp8_accuracy.main(["--device", args.device, "--seed", str(args.seed)]
+                                 + (["--json", args.json] if args.json else []))
 
     if args.load:
         from . import gpu, records

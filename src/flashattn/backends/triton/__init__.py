@@ -4,6 +4,10 @@ Tile shapes, warps and pipeline stages are autotuned per (GPU, head dim, dtype, 
 seqlen bucket) and the winners are cached on disk by Triton (`cache_results=True`, under
 TRITON_CACHE_DIR, default ~/.triton/cache), so a second process does not re-tune.
 FLASHATTN_AUTOTUNE=0 (and the interpreter, TRITON_INTERPRET=1) use one known-good config instead.
+
+FP8 (float8_e4m3fn q, k, v with a (batch, nheads_k, 3) float32 `descale`): the forward kernel's FP8 case,
+with its own configurations; the backward (experimental) upcasts in the kernels and returns gradients
+in dout's dtype. Varlen and block masks are not combined with FP8 here (the public API refuses them).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ... import dropout
 from . import kernels as K
 
 _SUPPORTED = (torch.float16, torch.bfloat16)
+FP8_DTYPE = torch.float8_e4m3fn
 VARLEN_NATIVE = True   # forward/backward take packed batches (cu_seqlens) directly
 
 
@@ -74,6 +79,19 @@ def _keep_bwd(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _smem_ok_fp8(bm, bn, bd, stages) -> bool:
+    # as _smem_ok with 1-byte q, k, v tiles
+    return bm * bd + stages * 2 * bn * bd <= 200 * 1024
+
+
+def _keep_fwd_fp8(configs, named_args, **kwargs):
+    bd = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"]
+    kept = [c for c in configs
+            if _smem_ok_fp8(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, c.num_stages)
+            and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 and bd >= 128)]   # spills the accumulator
+    return kept or configs[:1]
+
+
 def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
@@ -86,6 +104,13 @@ DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cf
                 _cfg(32, 64, 4, 2)]
 DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2),
               _cfg(64, 32, 4, 2)]
+# FP8 forward: not yet measured on a GPU. Halved operand bytes allow deeper pipelines and wider key
+# tiles; BLOCK_N >= 32 (the K of an FP8 wgmma for P·V). Triton's FP8 tutorial runs 128x128, 8 warps.
+# The FP8 loop holds two fp32 (BLOCK_M, BLOCK_D) tiles (acc and one block's product, see _attn_fwd_inner):
+# at head dim 256 the 128-row tiles spill registers on sm_90 (0.6-1.3 KB, `compile_check.py --fp8 --regs`),
+# 64 rows on 8 warps do not; the tuner times both.
+FWD_FP8_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4),
+                   _cfg(128, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(64, 128, 8, 2)]
 
 
 def _default(kernel: str, block_d: int):
@@ -93,6 +118,9 @@ def _default(kernel: str, block_d: int):
     tiles under the interpreter so that tiny test shapes still cross block boundaries."""
     if _interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if kernel == "fwd_fp8":   # a guess until measured (benchmarks/bench_fp8.py): no register spills on sm_90
+        bm, bn, w, s = (128, 128, 8, 3) if block_d <= 128 else (64, 64, 8, 3)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
     if block_d <= 64:
         table = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)}
     elif block_d <= 128:
@@ -110,8 +138,10 @@ _tuned = {
                             cache_results=True)(K._attn_bwd_dkdv),
     "dq": triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_bwd},
                           cache_results=True)(K._attn_bwd_dq),
+    "fwd_fp8": triton.autotune(FWD_FP8_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_fwd_fp8},
+                               cache_results=True)(K._attn_fwd),
 }
-_plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
+_plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq, "fwd_fp8": K._attn_fwd}
 
 
 # kernel name -> config dict: pins a config (benchmark sweeps and experiments), bypassing autotuning
@@ -142,10 +172,27 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
 
 
-def _check(q):
+def _check(q, descale=None):
+    if q.dtype == FP8_DTYPE:
+        if descale is None:
+            raise ValueError("float8_e4m3fn inputs need their descale factors (the public API passes ones when "
+                             "none are given)")
+        return
     if q.dtype not in _SUPPORTED:
-        raise TypeError(f"the Triton backend computes in float16 or bfloat16, got {q.dtype}; "
+        raise TypeError(f"the Triton backend computes in float16 or bfloat16 (or float8_e4m3fn), got {q.dtype}; "
                         "unset FLASHATTN_BACKEND to run float32 on the PyTorch path, or convert the inputs")
+
+
+def _v_keys_contiguous(v):
+    """v (b, sk, hk, d) with its key axis contiguous (stride 1), as the FP8 forward reads it (an FP8 wgmma
+    takes P·V's B operand only K-major, keys contiguous): v itself if it is so already, else a copy whose
+    head-dim stride is padded to a multiple of 16 bytes (aligned rows load as vectors; the padding is never read)."""
+    if v.stride(1) == 1:
+        return v
+    b, sk, hk, d = v.shape
+    buf = torch.empty((b, hk, d, sk + (-sk) % 16), device=v.device, dtype=v.dtype)
+    buf[..., :sk] = v.permute(0, 2, 3, 1)
+    return buf[..., :sk].permute(0, 3, 1, 2)
 
 
 class _Batch(NamedTuple):
@@ -188,11 +235,13 @@ def _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Bat
 
 
 def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags,
-                 block_mask):
-    return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                 block_mask, fp8=False):
+    # an FP8 wgmma's K is 32: the head dim of q·kᵀ is padded to at least that
+    return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
                 HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0,
-                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None, BLOCK_SPARSE=block_mask is not None)
+                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None, BLOCK_SPARSE=block_mask is not None,
+                FP8=fp8)
 
 
 def _sparse_args(q, block_mask, lists: str):
@@ -223,38 +272,57 @@ def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, sof
 
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0, dropout_p=0.0,
-            dropout_seed=0, global_flags=None, block_mask=None):
+            dropout_seed=0, global_flags=None, block_mask=None, descale=None, out_dtype=None):
     """fp16/bf16 attention. Dense: q (b, sq, h, d), k, v (b, sk, hk, d) -> out like q, lse (b, h, sq).
     Varlen: q (total_q, h, d), k, v (total_k, hk, d), cu_seqlens int32 (b + 1,) -> out like q, lse (h, total_q).
-    lse is float32."""
-    _check(q)
+    lse is float32.
+    FP8 (dense): q, k, v float8_e4m3fn, descale (b, hk, 3) float32 (the q, k, v descale factors of each
+    batch entry and kv head), out in out_dtype (bf16 or fp16). v may have its key axis contiguous
+    instead of its head dim: it is then read as it is, without the copy made otherwise."""
+    _check(q, descale)
+    fp8 = q.dtype == FP8_DTYPE
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out = bt.new_like(q)
+    if fp8:
+        out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
+        v = _v_keys_contiguous(v)
+        descale = descale.float().contiguous()
+    else:
+        out = bt.new_like(q)
+        descale = q   # any pointer: never read
     lse = bt.new_lse(q, q.shape[0])
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
     glob = q if global_flags is None else global_flags   # any pointer when there are none
     sp_ptrs, sp_ints = _sparse_args(q, block_mask, "kv")
-    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, *bt.strides(q), *bt.strides(k), *bt.strides(v),
-            *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
+    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, descale, *bt.strides(q), *bt.strides(k),
+            *bt.strides(v), v.stride(-1), *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
             *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed))
-    _launch("fwd", bt.seqlen_q, bt.batch * bt.nheads, args,
-            _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p,
-                         global_flags, block_mask), block_mask)
+    meta = _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p,
+                        global_flags, block_mask, fp8)
+    meta["ROUND_P"] = fp8 and _interpreting()   # see kernels._to_e4m3
+    _launch("fwd_fp8" if fp8 else "fwd", bt.seqlen_q, bt.batch * bt.nheads, args, meta, block_mask)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
-             dropout_p=0.0, dropout_seed=0, global_flags=None, block_mask=None):
-    """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere."""
-    _check(q)
+             dropout_p=0.0, dropout_seed=0, global_flags=None, block_mask=None, descale=None):
+    """Gradients dq, dk, dv (dtypes and shapes of q, k, v); deterministic: no atomics anywhere.
+    FP8 (experimental; q, k, v float8_e4m3fn with descale as in forward): the kernels upcast q, k, v to
+    dout's dtype and return the gradients of the dequantized inputs in that dtype."""
+    _check(q, descale)
+    fp8 = q.dtype == FP8_DTYPE
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     d = q.shape[-1]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    if fp8:
+        v = v if v.stride(-1) == 1 else v.contiguous()   # the backward reads v along its head dim
+        descale = descale.float().contiguous()
+    else:
+        descale = q   # any pointer: never read
     meta = _common_meta(bt, d, window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p, global_flags,
-                        block_mask)
+                        block_mask, fp8)
     glob = q if global_flags is None else global_flags
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
@@ -264,7 +332,10 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     K._attn_bwd_preprocess[(triton.cdiv(rows, pre_block), o4.shape[0] * bt.nheads)](
         o4, do4, d3, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
         bt.nheads, rows, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
-    dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
+    if fp8:
+        dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=dout.dtype) for x in (q, k, v))
+    else:
+        dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
     tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
@@ -272,9 +343,9 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     q_ptrs, q_ints = _sparse_args(q, block_mask, "q")
     kv_ptrs, kv_ints = _sparse_args(q, block_mask, "kv")
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
-            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *q_ptrs, *inputs, *bt.strides(dk),
+            (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *q_ptrs, descale, *inputs, *bt.strides(dk),
              *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail), meta, block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
-            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, *inputs, *bt.strides(dq),
+            (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, descale, *inputs, *bt.strides(dq),
              *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail), meta, block_mask)
     return dq, dk, dv

@@ -11,6 +11,10 @@ ranges below; the tests hold the kernels to the reference that uses masks.py. Ea
 runs in phases: the blocks every row sees whole (no mask, no bounds checks), then the masked
 boundary blocks on either side, then (forward, dQ) the blocks of sink keys left of the window;
 blocks no row can see are never loaded.
+
+FP8 (constexpr FP8): the forward takes float8 e4m3 q, k, v with per-(batch, kv head) descale factors,
+runs q·kᵀ and P·V on FP8 tensor cores (P quantized to e4m3 after scaling by 2^P_LOG2) and writes a
+bf16/fp16 output; the backward kernels upcast the FP8 inputs and compute as for bf16 (experimental).
 """
 import triton
 import triton.language as tl
@@ -22,6 +26,9 @@ _mix32 = triton.jit(dropout.mix32)
 
 LOG2E = 1.4426950408889634   # 1/ln(2): exp(x) = exp2(x · LOG2E)
 LN2 = 0.6931471805599453
+# FP8 forward: P (<= 1) is multiplied by 2^P_LOG2 = 256 before its cast to e4m3 (largest finite 448), so
+# that probabilities down to 2^-14 stay normal e4m3 numbers (3 significant bits) instead of subnormals.
+P_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -72,6 +79,22 @@ def _dropped(x, row_key, cols, threshold, keep_scale):
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _to_e4m3(x, ROUND_P: tl.constexpr):
+    """x >= 0 (finite, <= 448) as float8 e4m3, rounded to nearest even.
+
+    ROUND_P (set under Triton's interpreter only): round on the e4m3 grid in fp32 first, so that the
+    cast is exact. triton 3.6's interpreter rounds by adding one to the 3-bit mantissa without carrying
+    into the exponent, which halves values whose rounding carries (e.g. 125.1 becomes 64, not 128);
+    the GPU's cvt.rn.satfinite needs no help. (x + c) - c with c = 1.5 · 2^(e + 20) rounds x to a
+    multiple of 2^(e - 3), e = max(exponent of x, -6) (the spacing of e4m3 numbers near x)."""
+    if ROUND_P:
+        e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        c = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+        x = (x + c) - c
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -206,19 +229,32 @@ def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, righ
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
-                    stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                    row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
+                    stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
+                    slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                    BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr):
+                    BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr, BLOCK_M: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0.
 
     BLOCK_SPARSE: [start, end) walks a list instead: entry it // BLOCK_N of SpList names the key block,
     SpPid[block] its element-mask tile in SpTile (or -1). The list is walked by this innermost loop, so
-    Triton's pipeliner prefetches the next block's K/V while this one computes."""
+    Triton's pipeliner prefetches the next block's K/V while this one computes.
+    FP8: q, K, V are float8 e4m3 (sm_scale includes their descales). V's key axis is contiguous
+    (stride_vn = 1, head-dim stride stride_vd): an FP8 wgmma takes its B operand only K-major, and the K
+    of P·V is the keys. P is multiplied by 2^P_LOG2 before its cast to e4m3 (so are l_i and acc; the
+    factor cancels in acc / l and is taken out of the lse)."""
     k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if FP8:   # a (BLOCK_N, BLOCK_D) tile, keys contiguous (stride_vn = 1)
+        # A non-empty [start, end) starts at a multiple of BLOCK_N (_kv_blocks: only hi may be another number).
+        # Written as one, the compiler knows it (tl.multiple_of on the loop variable is dropped), so the tile's
+        # key rows are 16-byte aligned and load as vectors (cp.async). An empty range must stay empty.
+        start_al = (start // BLOCK_N) * BLOCK_N
+        end = tl.where(start < end, end, start_al)
+        start = start_al
+        v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    else:
+        v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         if BLOCK_SPARSE:
@@ -226,7 +262,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
             tile_pid = tl.load(SpPid + kb)
             start_n = kb * BLOCK_N
             k_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+            v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * (
+                stride_vd if FP8 else 1)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASK:
@@ -256,16 +293,26 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
             m_shift = m_new
         # -- rescale l_i and acc to the new max, add this block
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
+        if FP8:   # p · 2^P_LOG2 in [0, 256]: e4m3's normal range (>= 2^-6) then reaches down to p = 2^-14
+            p = tl.math.exp2(s - (m_shift - P_LOG2)[:, None])
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
+        if not FP8:
+            acc = acc * alpha[:, None]
         if DROPOUT:   # dropout scales what reaches v; the row sum l keeps every probability
             p = _dropped(p, row_key[:, None], cols[None, :], drop_threshold, keep_scale)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        if FP8:
+            # P quantized to e4m3. Each block's product starts from a fresh accumulator and is added to acc in
+            # fp32, fused with the rescale: Hopper's FP8 tensor cores keep only about 14 bits while they
+            # accumulate (DeepSeek-V3 report, sec. 3.3.2), harmless over BLOCK_N <= 128 keys, not over a row.
+            acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, ROUND_P), v)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
         if not BLOCK_SPARSE:
             k_ptrs += BLOCK_N * stride_kn
@@ -274,10 +321,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
+def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile, Descale,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
-              stride_vb, stride_vn, stride_vh,
+              stride_vb, stride_vn, stride_vh, stride_vd,
               stride_ob, stride_om, stride_oh,
               stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
               nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
@@ -286,10 +333,14 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
-    Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b]."""
+    Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b].
+    FP8: Q, K, V float8 e4m3, V with its key axis contiguous (stride_vn = 1, stride_vd its head-dim
+    stride); Descale (batch, nheads_k, 3) float32 holds the q, k, v descale factors of each
+    (batch, kv head); Out is bf16 or fp16. stride_vd is unused otherwise (the head dim is contiguous)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
@@ -313,6 +364,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
+    v_descale = 1.0
+    if FP8:   # scores are q·k of the stored values times q_descale · k_descale; out scales by v_descale
+        ds = Descale + (off_b * (nheads // GROUP) + off_hk) * 3
+        sm_scale = sm_scale * tl.load(ds) * tl.load(ds + 1)
+        v_descale = tl.load(ds + 2)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -325,11 +381,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
-                                        offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right,
-                                        num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
-                                        Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                        HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
+                                        offs_n, offs_d, stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left,
+                                        right, num_sink, sm_scale, softcap, slope, row_key, drop_threshold,
+                                        keep_scale, Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM,
+                                        BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
+                                        HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M)
     else:
         # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
         # Then the masked edges of the window, then the sink blocks left of it.
@@ -337,15 +393,20 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
             if phase < 3 or HAS_SINK:
                 p_lo, p_hi = _phase_bounds(bounds, phase)
                 acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
-                                                stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
-                                                sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob,
-                                                q_global, SpIdx, SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_D,
+                                                stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left, right,
+                                                num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
+                                                Glob, q_global, SpIdx, SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_D,
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                                HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
+                                                HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if FP8:   # l_i carries the factor 2^P_LOG2 of p
+        out = acc * (v_descale / tl.where(empty, 1.0, l_i))[:, None]
+        lse = tl.where(empty, float("-inf"),
+                       (m_i + tl.math.log2(tl.where(empty, 1.0, l_i)) - P_LOG2) * 0.6931471805599453)
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_base = Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=rows_ok[:, None] & d_ok[None, :])
@@ -380,15 +441,17 @@ def _attn_bwd_preprocess(Out, DO, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, offs_m, offs_d,
                          stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                          slope, seed, bh, drop_threshold, keep_scale, Glob, k_global, SpList, SpPid, pid_stride,
-                         SpTile, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         SpTile, dp_scale, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
-                         HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
     BLOCK_SPARSE: [start, end) walks the list SpList of query blocks (as in _attn_fwd_inner); the
     element-mask tile of query block qb is SpPid[qb · pid_stride].
+    FP8: q tiles are float8, upcast (exactly) to dO's type; dP is scaled by dp_scale (v's descale).
     """
     qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
     do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
@@ -414,6 +477,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
             delta = tl.load(Delta + rows)
         # rows that saw no key (lse = -inf): +inf makes their P exactly 0
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2) * 1.4426950408889634
+        if FP8:
+            qT = qT.to(DO.dtype.element_ty)
         qkT = tl.dot(k, qT)
         sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k, sm_scale, softcap, slope,
                          SOFTCAP, HAS_ALIBI)
@@ -431,6 +496,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
+        if FP8:
+            dpT = dpT * dp_scale
         if DROPOUT:
             row_key = _row_keys(seed, bh, rows)
             dv = tl.dot(_dropped(pT, row_key[None, :], offs_n[:, None], drop_threshold, keep_scale).to(do.dtype), do,
@@ -449,7 +516,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile, Descale,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
@@ -463,9 +530,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
-    heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k)."""
+    heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k).
+
+    FP8 (experimental): Q, K, V float8 e4m3 with Descale (batch, nheads_k, 3) as in the forward, upcast
+    to dO's type (bf16/fp16 hold every e4m3 value exactly); gradients of the dequantized inputs."""
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // nheads_k).to(tl.int64)
@@ -482,6 +552,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                 mask=kv_mask, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + row_off * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
+    s_scale = sm_scale    # multiplies q·k in the scores
+    dk_scale = sm_scale   # multiplies dSᵀ Q
+    dp_scale = 1.0        # multiplies dO Vᵀ
+    if FP8:   # the stored values times their descales are the inputs
+        ds = Descale + (off_b * nheads_k + off_hk) * 3
+        q_descale = tl.load(ds)
+        s_scale = sm_scale * q_descale * tl.load(ds + 1)
+        dk_scale = sm_scale * q_descale
+        dp_scale = tl.load(ds + 2)
+        k = k.to(DO.dtype.element_ty)
+        v = v.to(DO.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N,
@@ -505,20 +586,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
             count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, count * 0, count * BLOCK_M,
                                           offs_n, offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left,
-                                          right, num_sink, sm_scale, softcap, slope, seed, bh, drop_threshold,
+                                          right, num_sink, s_scale, softcap, slope, seed, bh, drop_threshold,
                                           keep_scale, Glob, k_global, SpIdx + sp + kb * n_qb, SpPid + sp + kb, n_kb,
-                                          SpTile, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                          HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_N)
+                                          SpTile, dp_scale, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                          HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
                 p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
                 dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, p_lo, p_hi, offs_n, offs_m,
                                               offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left, right, num_sink,
-                                              sm_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
-                                              k_global, SpIdx, SpPid, n_kb, SpTile, phase != 0, HEAD_DIM, BLOCK_M,
-                                              HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL,
-                                              BLOCK_SPARSE, BLOCK_N)
-    dk = dk * sm_scale   # dS was taken w.r.t. the scaled scores
+                                              s_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
+                                              k_global, SpIdx, SpPid, n_kb, SpTile, dp_scale, phase != 0, HEAD_DIM,
+                                              BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
+                                              HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N)
+    dk = dk * dk_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + row_off * stride_dvn + offs_d[None, :],
@@ -528,13 +609,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n, offs_d,
                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap, slope,
-                       row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
+                       row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile, dp_scale,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                       BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr):
+                       BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) (a list with BLOCK_SPARSE, as in
-    _attn_fwd_inner)."""
+    _attn_fwd_inner).
+    FP8: K, V tiles are float8, upcast (exactly) to q's type; dP is scaled by dp_scale (v's descale)."""
     kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
     d_ok = offs_d < HEAD_DIM
@@ -553,6 +635,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
             kv_mask = d_ok[:, None]
         kT = tl.load(kT_ptrs, mask=kv_mask, other=0.0)
         vT = tl.load(vT_ptrs, mask=kv_mask, other=0.0)
+        if FP8:
+            kT = kT.to(q.dtype)
+            vT = vT.to(q.dtype)
         qk = tl.dot(q, kT)
         s, t = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, sm_scale, softcap, slope,
                        SOFTCAP, HAS_ALIBI)
@@ -570,6 +655,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                 ok = ok & (tl.load(tile + offs_n[None, :], mask=has, other=1) != 0)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
+        if FP8:
+            dp = dp * dp_scale
         if DROPOUT:
             dp = _dropped(dp, row_key[:, None], cols[None, :], drop_threshold, keep_scale)
         ds = p * (dp - delta[:, None])
@@ -583,7 +670,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile,
+def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile, Descale,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
@@ -596,9 +683,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-              BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
-    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads)."""
+    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
@@ -618,6 +705,16 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                 mask=mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row_off * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0)
+    s_scale = sm_scale    # multiplies q·k in the scores
+    dq_scale = sm_scale   # multiplies dS K
+    dp_scale = 1.0        # multiplies dO Vᵀ
+    if FP8:   # the stored values times their descales are the inputs
+        ds = Descale + (off_b * (nheads // GROUP) + off_hk) * 3
+        k_descale = tl.load(ds + 1)
+        s_scale = sm_scale * tl.load(ds) * k_descale
+        dq_scale = sm_scale * k_descale
+        dp_scale = tl.load(ds + 2)
+        q = q.to(DO.dtype.element_ty)
     lse_off = off_b * stride_lb + off_h * stride_lh + q_start + offs_m   # Delta has lse's layout
     lse = tl.load(Lse + lse_off, mask=rows_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -637,18 +734,18 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
                                 offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
-                                sm_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
-                                SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
+                                s_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
+                                SpIdx + sp, SpPid + sp, SpTile, dp_scale, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M)
     else:
         for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
             if phase < 3 or HAS_SINK:
                 p_lo, p_hi = _phase_bounds(bounds, phase)
                 dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
-                                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, sm_scale,
+                                        stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, s_scale,
                                         softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpIdx,
-                                        SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                        HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M)
-    dq = dq * sm_scale
+                                        SpPid, SpTile, dp_scale, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                        SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M)
+    dq = dq * dq_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
