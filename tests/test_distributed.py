@@ -53,7 +53,7 @@ CASES = {
     "ulysses-varlen-zigzag-causal": dict(method="ulysses", layout="zigzag", causal=True, lens=[3, 1, 2], h="w",
                                          hk="w"),
 }
-SUBGROUP = {2: [1], 3: [0, 2]}   # a group of one rank (world size 1), a group that skips a rank
+SUBGROUP = {2: [1], 3: [0, 2], 4: [1, 3], 8: [0, 3, 5]}   # a group of one rank (world size 1), groups that skip ranks
 GPU_CASES = ["ring-zigzag-causal-gqa", "ring-contiguous-full-no-lse", "ring-zigzag-window", "ring-varlen-zigzag-causal",
              "ulysses-zigzag-causal-gqa", "ulysses-varlen-zigzag-causal"]
 
@@ -270,6 +270,14 @@ def _assert_ok(outcomes):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_distributed_on_cpu(reports, world, name):
+    _assert_ok(reports(world)[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_distributed_on_cpu_4_and_8_ranks(reports, world, name):
+    """The same cases at the world sizes of the 4- and 8-GPU issue, on gloo (correctness only)."""
     _assert_ok(reports(world)[name])
 
 
