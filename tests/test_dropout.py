@@ -121,3 +121,29 @@ def test_varlen_dropout_per_sequence():
                                dropout_seed=seed, batch_offset=i)
         torch.testing.assert_close(out[a:b].double(), ref[0], rtol=1e-5, atol=1e-5)
     assert lens == [9, 14]
+
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flashattn.backends.triton.kernels import _mix32_u32  # noqa: E402
+
+
+@triton.jit
+def _hash_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0)
+    tl.store(Y + offs, _mix32_u32(x.to(tl.uint32)).to(tl.int64), mask=offs < n)
+
+
+def test_kernel_hash_uint32_equals_int64_hash():
+    """The kernels' per-score hash (uint32 arithmetic) is dropout.mix32 (int64 arithmetic) bit for bit."""
+    from flashattn import dropout as D
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 2**32, (1000,), generator=g, dtype=torch.int64),
+                   torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)]).to(device)
+    y = torch.empty_like(x)
+    _hash_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.cpu(), D.mix32(x.cpu()))

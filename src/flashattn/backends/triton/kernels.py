@@ -70,9 +70,22 @@ def _row_keys(seed, bh, rows):
 
 
 @triton.jit
+def _mix32_u32(x):
+    """dropout.mix32 on uint32 values, bit for bit: the products wrap modulo 2³² by themselves, so each
+    is one 32-bit multiply instead of an emulated 64-bit one (the int64 form's `& 0xFFFFFFFF`). Once per
+    score, three times per training step: the part of dropout's cost that scales with seqlen²."""
+    x = x ^ (x >> 16)
+    x = x * tl.cast(0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.cast(0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _dropped(x, row_key, cols, threshold, keep_scale):
-    """x where dropout keeps the score (scaled by 1 / (1 - p)), 0 where it drops it (dropout.keep_mask)."""
-    keep = _mix32(row_key ^ cols.to(tl.int64)) >= threshold
+    """x where dropout keeps the score (scaled by 1 / (1 - p)), 0 where it drops it (dropout.keep_mask).
+    row_key: int64 values < 2³² (per row, from _row_keys); threshold < 2³²."""
+    keep = _mix32_u32(row_key.to(tl.uint32) ^ cols.to(tl.uint32)) >= threshold.to(tl.uint32)
     return tl.where(keep, x * keep_scale, 0.0)
 
 
