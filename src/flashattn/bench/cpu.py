@@ -1,9 +1,10 @@
 """CPU mode: flashattn's tiled PyTorch path against torch's own CPU attention, time and memory.
 
 Defaults: batch 1, 8 heads, seqlen 8192, headdim 64, float32, non-causal. Times: flashattn's forward,
-torch's scaled_dot_product_attention (default dispatch) and naive attention (SDPA with the MATH
-backend forced, materializing S and P), median over repetitions in this process. Memory: peak
-extra memory of one forward of each, every measurement in a fresh subprocess (see memory.py).
+torch's scaled_dot_product_attention (default dispatch) and naive attention (matmul, softmax, matmul
+in the inputs' dtype, materializing S and P: flashattn.demo.naive_attention), median over
+repetitions in this process. Memory: peak extra memory of one forward of each, every measurement
+in a fresh subprocess (see memory.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .records import emit_markdown
 from .environment import describe
 
 CPU_IMPLS = ("flashattn", "sdpa", "naive")
-LABELS = {"flashattn": "flashattn (tiled)", "sdpa": "torch SDPA (default)", "naive": "naive (SDPA math)"}
+LABELS = {"flashattn": "flashattn (tiled)", "sdpa": "torch SDPA (default)", "naive": "naive (materialized)"}
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 3,
