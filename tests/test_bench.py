@@ -2,7 +2,9 @@
 CPU tensors and fake timings. No timing assertions (benchmarks are not tests)."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 
 import pytest
@@ -294,3 +296,31 @@ def test_ceilings_on_cpu():
     c = measure_ceilings(wall_ms, "cpu", n=128, nbytes=1 << 20)
     assert "error" not in c, c
     assert c["matmul_tflops"] > 0 and c["copy_tbps"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# progress bars
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from flashattn.bench import progress
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert progress.bar_enabled() and not progress.bar_enabled(quiet=True)
+    assert list(progress.progress_bar(range(3), desc="bench test", unit="shape")) == [0, 1, 2]
+    assert "bench test:" in tty.getvalue() and "0/3" in tty.getvalue()
+    progress.log_fn(quiet=True)("hidden")
+    progress.log_fn()("shown")
+    assert "hidden" not in tty.getvalue() and "shown" in tty.getvalue()
+
+    pipe = io.StringIO()                                   # not a terminal: no bar, lines still logged
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert list(progress.progress_bar(range(3), desc="bench test")) == [0, 1, 2]
+    progress.log_fn()("a line")
+    assert pipe.getvalue() == "a line\n"

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="GPU: skip the max-abs-error check against SDPA")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory measurements")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no per-shape lines on stderr (the table still prints)")
     p.add_argument("--load", nargs="+", default=None, metavar="JSON",
                    help="run nothing: re-render GPU-mode JSON files (merged) as table, --plot, --markdown")
     return p
