@@ -2,7 +2,9 @@
 CPU tensors and fake timings. No timing assertions (benchmarks are not tests)."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 
 import pytest
@@ -294,3 +296,101 @@ def test_ceilings_on_cpu():
     c = measure_ceilings(wall_ms, "cpu", n=128, nbytes=1 << 20)
     assert "error" not in c, c
     assert c["matmul_tflops"] > 0 and c["copy_tbps"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# progress bars
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from flashattn.bench import progress
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert progress.bar_enabled() and not progress.bar_enabled(quiet=True)
+    assert list(progress.progress_bar(range(3), desc="bench test", unit="shape")) == [0, 1, 2]
+    assert "bench test:" in tty.getvalue() and "0/3" in tty.getvalue()
+    progress.log_fn(quiet=True)("hidden")
+    progress.log_fn()("shown")
+    assert "hidden" not in tty.getvalue() and "shown" in tty.getvalue()
+
+    pipe = io.StringIO()                                   # not a terminal: no bar, lines still logged
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert list(progress.progress_bar(range(3), desc="bench test")) == [0, 1, 2]
+    progress.log_fn()("a line")
+    assert pipe.getvalue() == "a line\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# sub-commands and the memory sweep
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: flashattn bench [prefill] [options]")
+    for name in ("prefill", "decode", "memory"):
+        assert f"\n  {name} " in out.split("sub-commands:")[1]
+
+
+def test_prefill_is_the_default_mode():
+    # the same parser and checks with or without the word
+    for argv in (["prefill", "--device", "cpu", "--seqlens", "256,512"], ["--device", "cpu", "--seqlens", "256,512"]):
+        with pytest.raises(SystemExit, match="one shape"):
+            main(argv + ["--no-memory"])
+
+
+def test_memory_sweep_on_cpu_end_to_end(tmp_path, capsys):
+    path, png = tmp_path / "mem.json", tmp_path / "mem.png"
+    assert main(["memory", "--device", "cpu", "--seqlens", "1024", "--heads", "4", "--impls", "flashattn,naive",
+                 "--json", str(path), "--plot", str(png), "--quiet"]) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["passes"] == "fwd_bwd" and report["config"]["heads"] == 4
+    (row,) = report["rows"]
+    fa, naive = row["flashattn"], row["naive"]
+    assert fa["passes"] == naive["passes"] == "fwd_bwd"
+    # naive keeps P for the backward and builds dP and dS (16 MiB each here); flashattn keeps no score matrix
+    assert row["scores_mib"] == 16.0
+    assert naive["peak_extra_mib"] > 2 * row["scores_mib"] > fa["peak_extra_mib"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    cap = capsys.readouterr()
+    assert cap.err == ""                                   # --quiet: no bar, no per-measurement lines
+    last = cap.out.rstrip().splitlines()[-1].split()
+    assert last[0] == "1024" and last[-1].endswith("x")    # the table is last: seqlen ... naive/flashattn
+
+
+def test_memory_sweep_skips_and_failures_json_on_stdout(monkeypatch, capsys):
+    from flashattn.bench import memory_sweep
+
+    def fake(impl, **kw):
+        if impl == "sdpa" and kw["seqlen"] == 128:
+            raise RuntimeError("memory measurement of sdpa at seqlen 128 failed: killed (out of memory?)")
+        assert kw["backward"] is False and kw["causal"] is True
+        return {"peak_extra_mib": {"flashattn": 1.0, "naive": 9.0, "sdpa": 2.0}[impl] * kw["seqlen"] / 64}
+
+    monkeypatch.setattr(memory_sweep, "_measure_cpu", fake)
+    # naive's 2 forward score matrices at seqlen 128 (2 x 8 heads x 128² x 4 bytes = 1 MiB) exceed the
+    # budget of 0.75 MiB; at seqlen 64 (0.25 MiB) they do not
+    assert main(["memory", "--device", "cpu", "--seqlens", "64", "128", "--fwd-only", "--causal",
+                 "--naive-max-gib", str(0.75 / 1024), "--json", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    report = json.loads(cap.out)                           # stdout holds the JSON alone
+    r64, r128 = report["rows"]
+    assert r64["naive"]["peak_extra_mib"] == 9.0 and "skipped" in r128["naive"]
+    assert "out of memory" in r128["sdpa"]["error"] and r128["flashattn"]["peak_extra_mib"] == 2.0
+    table = cap.err.splitlines()                           # the table went to stderr
+    assert "seqlen 128 naive: its score matrices need" in cap.err and "seqlen 128 sdpa: RuntimeError" in cap.err
+    assert table[-1].split() == ["128", "0.5", "2.0", "skipped", "failed", "-"]
+    assert table[-2].split() == ["64", "0.125", "1.0", "9.0", "2.0", "9.0x"]
+
+
+def test_memory_sweep_rejects_unknown_impls():
+    with pytest.raises(SystemExit, match="unknown implementation"):
+        main(["memory", "--device", "cpu", "--impls", "flashattn,xformers"])

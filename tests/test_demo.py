@@ -78,6 +78,19 @@ def test_naive_attention_matches_reference():
     torch.testing.assert_close(demo.naive_attention(q, k, v, 16 ** -0.5), ref.float(), atol=1e-5, rtol=0)
 
 
+def test_naive_attention_causal_matches_reference_with_gradients():
+    # bottom-right aligned like flashattn (seqlen_q < seqlen_k: every row sees a key)
+    torch.manual_seed(1)
+    q = torch.randn(2, 20, 3, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 27, 3, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ref, _ = attention_ref(q, k, v, causal=True)
+    out = demo.naive_attention(q, k, v, 16 ** -0.5, causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    dout = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+
+
 def test_options():
     p = demo.build_parser()
     assert p.parse_args([]).seqlens is None   # -> DEFAULT_SEQLENS, chosen in run()

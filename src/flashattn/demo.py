@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .api import flash_attn_func
+from .masks import mask_matrix
 from .reference import attention_ref
 
 DEFAULT_SEQLENS = (1024, 2048, 4096, 8192, 16384)
@@ -33,14 +34,19 @@ MiB = 2 ** 20
 GiB = 2 ** 30
 
 
-def naive_attention(q, k, v, softmax_scale: float) -> torch.Tensor:
+def naive_attention(q, k, v, softmax_scale: float, causal: bool = False) -> torch.Tensor:
     """softmax(q kᵀ · scale) v the textbook way, in the inputs' dtype: S and P both exist in full.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
-    Returns (batch, seqlen_q, nheads, headdim).
+    causal: the mask of flashattn.masks (bottom-right aligned), applied in place to S; a row that
+    sees no key (seqlen_q > seqlen_k) comes out NaN here, unlike flashattn's 0.
+    Returns (batch, seqlen_q, nheads, headdim). Differentiable (autograd keeps P for the backward).
     """
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))                 # (b, h, s, d)
     s = torch.matmul(qh, kh.transpose(-1, -2)).mul_(softmax_scale)     # S: (b, h, sq, sk)
+    if causal:
+        sq, sk = s.shape[-2:]
+        s.masked_fill_(~mask_matrix(sq, sk, -1, 0, device=s.device), float("-inf"))
     p = torch.softmax(s, dim=-1)                                       # P: another (b, h, sq, sk)
     return torch.matmul(p, vh).transpose(1, 2)
 

@@ -1,19 +1,26 @@
 """`flashattn bench`: flashattn against its peers, measured side by side in one process.
 
-GPU mode (default when CUDA is available): the FlashAttention papers' grid (batch·seqlen = 16384,
+Sub-commands (the first argument; none means prefill):
+    prefill   the default: full-sequence attention, forward and backward (below)
+    decode    one decoding step over a KV cache, as bandwidth (bench/decode.py; GPU)
+    memory    peak extra memory vs seqlen, forward + backward, CPU or CUDA (bench/memory_sweep.py)
+
+Prefill, GPU mode (default when CUDA is available): the FlashAttention papers' grid (batch·seqlen = 16384,
 nheads·headdim = 2048, seqlen 512 … 16384, bf16, causal off/on, forward and backward), flashattn
 against torch SDPA with each backend forced (FA2, cuDNN, memory-efficient) and compiled
 FlexAttention, with the matmul and copy ceilings of the same GPU measured in the same run.
 
-CPU mode (`--device cpu`, default without CUDA): flashattn's tiled PyTorch path against torch's CPU
+Prefill, CPU mode (`--device cpu`, default without CUDA): flashattn's tiled PyTorch path against torch's CPU
 SDPA in time, and against naive attention in peak extra memory (one fresh process per measurement).
 
-    flashattn bench --quick --json bench.json --plot bench.png
-    flashattn bench --device cpu --seqlens 8192
+    flashattn bench --quick --json bench.json --plot bench.png      # = flashattn bench prefill --quick ...
+    flashattn bench prefill --device cpu --seqlens 8192
     flashattn bench --load a.json b.json --plot all.png --markdown BENCHMARKS.md
-    flashattn bench decode [--contexts ...] [--batches ...]   # KV-cache decoding bandwidth (bench/decode.py)
+    flashattn bench decode [--contexts ...] [--batches ...] [--plot decode.png]   # KV-cache decoding bandwidth
+    flashattn bench memory [--device cpu|cuda] [--seqlens ...] [--plot mem.png] [--json [PATH]]
     flashattn bench --fp8-accuracy [--device cpu] [--json fp8.json]
 
+Long sweeps draw a progress bar on stderr when it is a terminal (`--quiet`: none, and no per-shape lines).
 `--fp8-accuracy` prints the FP8 accuracy report instead (flashattn.bench.fp8_accuracy; its full set of
 options: benchmarks/fp8_accuracy.py --help).
 
@@ -25,7 +32,13 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+SUBCOMMANDS = {
+    "prefill": "full-sequence attention fwd/bwd vs peers (the default; the options above)",
+    "decode": "KV-cache decoding step bandwidth vs copy bandwidth and SDPA (GPU); flashattn bench decode --help",
+    "memory": "peak extra memory vs seqlen, fwd+bwd, flashattn vs naive and SDPA; flashattn bench memory --help",
+}
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
            "fp32": "float32", "float32": "float32", "float": "float32"}
@@ -55,9 +68,13 @@ def _str_list(values: Sequence[str]) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashattn bench",
-        description="Benchmark flashattn against its peers in one process (GPU: TFLOP/s and ratios over the "
-                    "FlashAttention papers' grid; CPU: time vs torch SDPA and peak memory vs naive attention). "
-                    "The table is printed last.")
+        usage="flashattn bench [prefill] [options]\n       flashattn bench decode [options]\n"
+              "       flashattn bench memory [options]",
+        description="Benchmark flashattn against its peers in one process. Prefill (the default; GPU: TFLOP/s\n"
+                    "and ratios over the FlashAttention papers' grid; CPU: time vs torch SDPA and peak memory vs\n"
+                    "naive attention). The table is printed last.",
+        epilog="sub-commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto (default): cuda when torch sees a GPU, else cpu")
     p.add_argument("--hdims", nargs="+", default=None, metavar="D",
@@ -93,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="GPU: skip the max-abs-error check against SDPA")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the memory measurements")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no per-shape lines on stderr (the table still prints)")
     p.add_argument("--load", nargs="+", default=None, metavar="JSON",
                    help="run nothing: re-render GPU-mode JSON files (merged) as table, --plot, --markdown")
     p.add_argument("--fp8-accuracy", action="store_true",
@@ -166,6 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["decode"]:
         from .decode import run as run_decode
         return run_decode(argv[1:])
+    if argv[:1] == ["memory"]:
+        from .memory_sweep import run as run_memory
+        return run_memory(argv[1:])
+    if argv[:1] == ["prefill"]:
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
 
     if args.fp8_accuracy:

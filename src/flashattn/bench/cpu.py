@@ -1,15 +1,15 @@
 """CPU mode: flashattn's tiled PyTorch path against torch's own CPU attention, time and memory.
 
 Defaults: batch 1, 8 heads, seqlen 8192, headdim 64, float32, non-causal. Times: flashattn's forward,
-torch's scaled_dot_product_attention (default dispatch) and naive attention (SDPA with the MATH
-backend forced, materializing S and P), median over repetitions in this process. Memory: peak
-extra memory of one forward of each, every measurement in a fresh subprocess (see memory.py).
+torch's scaled_dot_product_attention (default dispatch) and naive attention (matmul, softmax, matmul
+in the inputs' dtype, materializing S and P: flashattn.demo.naive_attention), median over
+repetitions in this process. Memory: peak extra memory of one forward of each, every measurement
+in a fresh subprocess (see memory.py).
 """
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -19,9 +19,10 @@ from ..flops import attention_flops, tflops
 from . import memory
 from .records import emit_markdown
 from .environment import describe
+from .progress import log_fn
 
 CPU_IMPLS = ("flashattn", "sdpa", "naive")
-LABELS = {"flashattn": "flashattn (tiled)", "sdpa": "torch SDPA (default)", "naive": "naive (SDPA math)"}
+LABELS = {"flashattn": "flashattn (tiled)", "sdpa": "torch SDPA (default)", "naive": "naive (materialized)"}
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 3,
@@ -55,9 +56,10 @@ def run(args, argv) -> int:
     config = {"batch": batch, "heads": heads, "seqlen": seqlen, "hdim": hdim, "dtype": dtype_name,
               "causal": causal, "impls": impls, "warmup_ms": args.warmup, "rep_ms": args.rep,
               "memory": not args.no_memory}
-    print(f"flashattn bench (cpu): {env['cpu']}, {env['threads']} threads, torch {env['torch']} | "
-          f"batch {batch}, heads {heads}, seqlen {seqlen}, hdim {hdim}, {dtype_name}, "
-          f"causal {'yes' if causal else 'no'}", file=sys.stderr, flush=True)
+    log = log_fn(getattr(args, "quiet", False))
+    log(f"flashattn bench (cpu): {env['cpu']}, {env['threads']} threads, torch {env['torch']} | "
+        f"batch {batch}, heads {heads}, seqlen {seqlen}, hdim {hdim}, {dtype_name}, "
+        f"causal {'yes' if causal else 'no'}")
 
     t_start = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)
@@ -80,8 +82,7 @@ def run(args, argv) -> int:
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         results[impl] = r
-        print(f"  time {impl:>10}: " + (f"{r['ms']:.1f} ms ({r['reps']} reps)" if "ms" in r else r["error"]),
-              file=sys.stderr, flush=True)
+        log(f"  time {impl:>10}: " + (f"{r['ms']:.1f} ms ({r['reps']} reps)" if "ms" in r else r["error"]))
     check = {}
     if "flashattn" in outs:
         for other in ("sdpa", "naive"):
@@ -98,8 +99,7 @@ def run(args, argv) -> int:
             except Exception as e:
                 mem[impl] = {"error": str(e)[:1000]}
             m = mem[impl]
-            print(f"  memory {impl:>8}: " + (f"{m['peak_extra_mib']:.1f} MiB" if "peak_extra_mib" in m else m["error"]),
-                  file=sys.stderr, flush=True)
+            log(f"  memory {impl:>8}: " + (f"{m['peak_extra_mib']:.1f} MiB" if "peak_extra_mib" in m else m["error"]))
 
     def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
         return a / b if (a is not None and b) else None

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sdpa", action="store_true", help="time flashattn only")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG: achieved bandwidth vs context")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-shape lines (the table still prints)")
     return p
 
 
@@ -66,6 +67,7 @@ def run(argv: Sequence[str]) -> int:
     from ..kvcache import flash_attn_with_kvcache
     from .environment import describe
     from .gpu import do_bench_ms, measure_ceilings
+    from .progress import log_fn, progress_bar
 
     args = build_parser().parse_args(list(argv))
     if not torch.cuda.is_available():
@@ -82,47 +84,48 @@ def run(argv: Sequence[str]) -> int:
     h, hk, d = args.nheads, args.nheads_k, args.hdim
     gen = torch.Generator().manual_seed(0)
     rows: List[dict] = []
-    for ctx in args.contexts:
-        for b in args.batches:
-            kv_bytes = 2 * b * ctx * hk * d * 2
-            if kv_bytes > args.max_gib * 2**30:
-                rows.append(dict(context=ctx, batch=b, skipped=f"K/V {kv_bytes / 2**30:.0f} GiB > --max-gib"))
-                continue
-            q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
-            knew, vnew = (torch.randn(b, 1, hk, d, device="cuda", dtype=dt) for _ in range(2))
-            k = torch.randn(b, ctx, hk, d, device="cuda", dtype=dt)
-            v = torch.randn(b, ctx, hk, d, device="cuda", dtype=dt)
-            seqlens = torch.full((b,), ctx - 1, dtype=torch.int32, device="cuda")
-            row = dict(context=ctx, batch=b, kv_bytes=kv_bytes)
-            ref = None
-            for layout in layouts:
-                if layout == "contiguous":
-                    kc, vc, table = k, v, None
-                else:
-                    kc, vc, table = _paged(k, v, int(layout[5:]), gen)
-                fn = lambda: flash_attn_with_kvcache(q, kc, vc, knew, vnew, cache_seqlens=seqlens, block_table=table,
-                                                     causal=True, num_splits=args.num_splits, validate=False)
-                out = fn()
-                ref = out if ref is None else ref
-                row[f"{layout}_err"] = float((out.float() - ref.float()).abs().max())
-                ms = do_bench_cudagraph(fn, rep=50)
-                row[f"{layout}_us"] = ms * 1e3
-                row[f"{layout}_tbps"] = kv_bytes / (ms * 1e-3) / 1e12
-                del kc, vc, table
-            if not args.no_sdpa:
-                kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-                kt[:, :, -1:], vt[:, :, -1:] = knew.transpose(1, 2), vnew.transpose(1, 2)
-                qt = q.transpose(1, 2)
-                sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-                o = sdpa().transpose(1, 2)
-                row["sdpa_err"] = float((o.float() - ref.float()).abs().max())
-                ms = do_bench_cudagraph(sdpa, rep=50)
-                row["sdpa_us"], row["sdpa_tbps"] = ms * 1e3, kv_bytes / (ms * 1e-3) / 1e12
-                del kt, vt
-            rows.append(row)
-            del k, v
-            torch.cuda.empty_cache()
-            print(_line(row, layouts, copy_tbps, not args.no_sdpa), flush=True)
+    shapes = [(ctx, b) for ctx in args.contexts for b in args.batches]
+    log = log_fn(args.quiet)
+    for ctx, b in progress_bar(shapes, desc="bench decode", unit="shape", quiet=args.quiet):
+        kv_bytes = 2 * b * ctx * hk * d * 2
+        if kv_bytes > args.max_gib * 2**30:
+            rows.append(dict(context=ctx, batch=b, skipped=f"K/V {kv_bytes / 2**30:.0f} GiB > --max-gib"))
+            continue
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=dt)
+        knew, vnew = (torch.randn(b, 1, hk, d, device="cuda", dtype=dt) for _ in range(2))
+        k = torch.randn(b, ctx, hk, d, device="cuda", dtype=dt)
+        v = torch.randn(b, ctx, hk, d, device="cuda", dtype=dt)
+        seqlens = torch.full((b,), ctx - 1, dtype=torch.int32, device="cuda")
+        row = dict(context=ctx, batch=b, kv_bytes=kv_bytes)
+        ref = None
+        for layout in layouts:
+            if layout == "contiguous":
+                kc, vc, table = k, v, None
+            else:
+                kc, vc, table = _paged(k, v, int(layout[5:]), gen)
+            fn = lambda: flash_attn_with_kvcache(q, kc, vc, knew, vnew, cache_seqlens=seqlens, block_table=table,
+                                                 causal=True, num_splits=args.num_splits, validate=False)
+            out = fn()
+            ref = out if ref is None else ref
+            row[f"{layout}_err"] = float((out.float() - ref.float()).abs().max())
+            ms = do_bench_cudagraph(fn, rep=50)
+            row[f"{layout}_us"] = ms * 1e3
+            row[f"{layout}_tbps"] = kv_bytes / (ms * 1e-3) / 1e12
+            del kc, vc, table
+        if not args.no_sdpa:
+            kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            kt[:, :, -1:], vt[:, :, -1:] = knew.transpose(1, 2), vnew.transpose(1, 2)
+            qt = q.transpose(1, 2)
+            sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+            o = sdpa().transpose(1, 2)
+            row["sdpa_err"] = float((o.float() - ref.float()).abs().max())
+            ms = do_bench_cudagraph(sdpa, rep=50)
+            row["sdpa_us"], row["sdpa_tbps"] = ms * 1e3, kv_bytes / (ms * 1e-3) / 1e12
+            del kt, vt
+        rows.append(row)
+        del k, v
+        torch.cuda.empty_cache()
+        log(_line(row, layouts, copy_tbps, not args.no_sdpa))
     table = format_table(rows, layouts, copy_tbps, not args.no_sdpa, env, ceilings, h, hk, d)
     print(table)
     if args.json:

@@ -62,6 +62,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def triton_cache_dir() -> str:
+    """Where Triton caches compiled kernels and (with cache_results=True) autotuning results, found the
+    way Triton finds it: triton.knobs.cache.dir (Triton >= 3.4: TRITON_CACHE_DIR, else
+    $TRITON_HOME/.triton/cache, TRITON_HOME defaulting to ~), triton.runtime.cache.default_cache_dir()
+    on older Triton, the same rule by hand without Triton."""
+    try:
+        from triton import knobs
+        return str(knobs.cache.dir)
+    except Exception:
+        pass
+    try:
+        from triton.runtime import cache
+        if os.environ.get("TRITON_CACHE_DIR"):
+            return os.environ["TRITON_CACHE_DIR"]
+        return str(cache.default_cache_dir())
+    except Exception:
+        pass
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return os.environ["TRITON_CACHE_DIR"]
+    return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+
+
 def describe(device: str, argv: Optional[Sequence[str]] = None) -> dict:
     import torch
 
@@ -85,6 +107,7 @@ def describe(device: str, argv: Optional[Sequence[str]] = None) -> dict:
         env["triton"] = triton.__version__
     except Exception:
         env["triton"] = None
+    env["triton_cache_dir"] = triton_cache_dir()
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update({

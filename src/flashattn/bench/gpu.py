@@ -9,11 +9,12 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import records
+from .progress import log_fn, progress_bar
 from .peers import (PEERS, Bench, Case, DeviceLost, Peer, PeerRun, device_check, check_case,
                     make_inputs, run_peer)
 from .records import OURS, Check, Result
@@ -75,15 +76,17 @@ def run_grid(cases: Sequence[Case], peers: Sequence[Peer], passes: Sequence[str]
              check: bool = True, seed: int = 0, time_budget_s: Optional[float] = None,
              on_case_done: Optional[Callable[[List[Result], List[Check], bool], None]] = None,
              log: Callable[[str], None] = _progress,
-             start: Optional[float] = None) -> Tuple[List[Result], List[Check], bool]:
+             start: Optional[float] = None,
+             progress: Callable[[Sequence[Case]], Iterable[Case]] = iter) -> Tuple[List[Result], List[Check], bool]:
     """Every peer on every case. Returns (results, checks, complete); cases not run (time budget,
     interruption, lost device) are recorded as results with the reason. The time budget counts
-    from `start` (a time.perf_counter() value; default: now)."""
+    from `start` (a time.perf_counter() value; default: now). `progress` wraps the cases (e.g. in a
+    progress bar: bench/progress.py)."""
     results: List[Result] = []
     checks: List[Check] = []
     start = time.perf_counter() if start is None else start
     stop_reason: Optional[str] = None
-    for n, case in enumerate(cases):
+    for n, case in enumerate(progress(cases)):
         if stop_reason is None and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             stop_reason = f"skipped: time budget of {time_budget_s:.0f} s spent"
         if stop_reason is not None:
@@ -180,14 +183,16 @@ def run(args, argv, *, device: str = "cuda", bench: Optional[Bench] = None, with
               "warmup_ms": args.warmup, "rep_ms": args.rep,
               "timer": "triton.testing.do_bench, median" if bench is None else getattr(bench, "__name__", "custom"),
               "layouts": {p.name: p.layout for p in peers}, "seed": args.seed, "quick": bool(args.quick)}
+    quiet = getattr(args, "quiet", False)
+    log = log_fn(quiet)
     for line in records.format_header(env, {}):
-        _progress(line)
+        log(line)
     bench = bench or do_bench_ms(args.warmup, args.rep)
     ceilings: dict = {}
     if with_ceilings:
-        _progress("measuring ceilings (bf16 8192^3 matmul, 1 GiB device copy) ...")
+        log("measuring ceilings (bf16 8192^3 matmul, 1 GiB device copy) ...")
         ceilings = measure_ceilings(bench, device)
-    _progress("ceilings: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+    log("ceilings: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in ceilings.items()))
     impls = [p.name for p in peers]
 
@@ -200,7 +205,9 @@ def run(args, argv, *, device: str = "cuda", bench: Optional[Bench] = None, with
 
     with _SigtermAsInterrupt():
         results, checks, complete = run_grid(cases, peers, passes, bench, check=not args.no_check, seed=args.seed,
-                                             time_budget_s=args.time_budget, on_case_done=save, start=t_start)
+                                             time_budget_s=args.time_budget, on_case_done=save, start=t_start,
+                                             log=log, progress=lambda cases: progress_bar(
+                                                 cases, desc="bench prefill", unit="shape", quiet=quiet))
     save(results, checks, complete)
     return render(env, ceilings, config, results, checks, impls, args,
                   elapsed_s=time.perf_counter() - t_start)

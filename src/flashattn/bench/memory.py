@@ -1,4 +1,4 @@
-"""Peak extra memory of one attention forward, measured in a fresh process.
+"""Peak extra memory of one attention forward (or forward + backward), measured in a fresh process.
 
     from flashattn.bench.memory import measure_peak_memory
     m = measure_peak_memory("naive", seqlen=8192)        # runs `python -m flashattn.bench.memory ...`
@@ -6,11 +6,13 @@
 
 or from a shell (prints one JSON line):
 
-    python -m flashattn.bench.memory --impl flashattn --seqlen 8192 --heads 8 --hdim 64 --dtype float32
+    python -m flashattn.bench.memory --impl flashattn --seqlen 8192 --heads 8 --hdim 64 --dtype float32 [--backward]
 
 Implementations: "flashattn" (flash_attn_func), "sdpa" (torch's scaled_dot_product_attention, default
-dispatch) and "naive" (torch SDPA with the MATH backend forced: it materializes the seqlen × seqlen
-scores S and probabilities P).
+dispatch) and "naive" (flashattn.demo.naive_attention: matmul, softmax, matmul in the inputs' dtype,
+materializing the seqlen × seqlen scores S and probabilities P). With backward=True the call is a
+forward and `torch.autograd.grad` of (q, k, v) for a random upstream gradient: the peak then
+includes the gradients (3 × the size of q) and whatever the implementation keeps for the backward.
 
 CPU: the growth of the resident set over the call. A fresh process per measurement, because peak
 RSS only ever goes up within a process. In that process: warm the implementation up on a tiny
@@ -22,7 +24,10 @@ child's own peak. Where /proc is missing, ru_maxrss growth is the fallback. glib
 pinned to its static mmap threshold so that freed large blocks go back to the system and RSS
 follows the live memory.
 
-CUDA (`device="cuda"`): torch.cuda.max_memory_allocated() minus the memory allocated before the call.
+CUDA (`device="cuda"`): torch.cuda.max_memory_allocated() minus the memory allocated before the call,
+after a warm-up call on the full shape (compiling and autotuning the kernels allocate memory of
+their own). The allocator's high-water mark can be reset, so on CUDA `measure_here` may also run
+in the caller's process (`flashattn bench memory --device cuda` does).
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..iomodel import score_matrix_bytes
+
 IMPLS = ("flashattn", "sdpa", "naive")
 MIB = 2 ** 20
 
@@ -46,7 +53,7 @@ MIB = 2 ** 20
 
 def measure_peak_memory(impl: str, *, seqlen: int, batch: int = 1, heads: int = 8, hdim: int = 64,
                         dtype: str = "float32", causal: bool = False, device: str = "cpu",
-                        timeout: float = 1800.0) -> dict:
+                        backward: bool = False, timeout: float = 1800.0) -> dict:
     """Run one measurement in a fresh Python process; returns its JSON record (see `measure_here`).
 
     Raises RuntimeError (with the child's stderr tail) if the child fails, e.g. runs out of memory.
@@ -58,6 +65,8 @@ def measure_peak_memory(impl: str, *, seqlen: int, batch: int = 1, heads: int = 
            "--device", device]
     if causal:
         cmd.append("--causal")
+    if backward:
+        cmd.append("--backward")
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])   # the directory holding the flashattn package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -107,7 +116,6 @@ def _maxrss_kib() -> float:
 
 def attention_fn(impl: str, causal: bool):
     """(layout, fn(q, k, v) -> out) for one of IMPLS."""
-    import torch
     import torch.nn.functional as F
 
     if impl == "flashattn":
@@ -116,68 +124,84 @@ def attention_fn(impl: str, causal: bool):
     if impl == "sdpa":
         return "bhsd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if impl == "naive":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def naive(q, k, v):
-            with sdpa_kernel(SDPBackend.MATH):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return "bhsd", naive
+        # not SDPA's MATH backend: since torch 2.5 it upcasts fp16/bf16 to fp32, doubling S and P
+        from flashattn.demo import naive_attention
+        return "bshd", lambda q, k, v: naive_attention(q, k, v, q.shape[-1] ** -0.5, causal=causal)
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def make_qkv(layout: str, batch: int, seqlen: int, heads: int, hdim: int, dtype, device: str, seed: int = 0):
+def make_qkv(layout: str, batch: int, seqlen: int, heads: int, hdim: int, dtype, device: str, seed: int = 0,
+             n_tensors: int = 3):
+    """`n_tensors` random tensors (q, k, v[, dout]) of shape (batch, seqlen, heads, hdim) for layout
+    "bshd", (batch, heads, seqlen, hdim) for "bhsd"."""
     import torch
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     shape = (batch, seqlen, heads, hdim) if layout == "bshd" else (batch, heads, seqlen, hdim)
-    return [torch.randn(shape, generator=g, dtype=dtype, device=device) for _ in range(3)]
+    return [torch.randn(shape, generator=g, dtype=dtype, device=device) for _ in range(n_tensors)]
 
 
 def measure_here(impl: str, *, seqlen: int, batch: int = 1, heads: int = 8, hdim: int = 64,
-                 dtype: str = "float32", causal: bool = False, device: str = "cpu") -> dict:
-    """The measurement itself, in this process (meaningful once per process: see the module docstring)."""
+                 dtype: str = "float32", causal: bool = False, device: str = "cpu", backward: bool = False) -> dict:
+    """The measurement itself, in this process (on CPU meaningful once per process: see the module
+    docstring). Returns a JSON-able record; peak_extra_mib is the number."""
     import gc
 
     import torch
 
     dt = getattr(torch, dtype)
     layout, fn = attention_fn(impl, causal)
-    with torch.no_grad():
-        # warm up on a tiny shape: lazy initialization is not attention memory
-        fn(*make_qkv(layout, 1, 128, 2, hdim, dt, device))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        q, k, v = make_qkv(layout, batch, seqlen, heads, hdim, dt, device)
-        gc.collect()
-        record = {"impl": impl, "device": device, "seqlen": seqlen, "batch": batch, "heads": heads, "hdim": hdim,
-                  "dtype": dtype, "causal": causal, "layout": layout,
-                  "inputs_mib": 3 * q.numel() * q.element_size() / MIB,
-                  "output_mib": q.numel() * q.element_size() / MIB,
-                  "scores_mib": batch * heads * seqlen * seqlen * q.element_size() / MIB}
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            out = fn(q, k, v)
-            torch.cuda.synchronize()
-            record["ms"] = (time.perf_counter() - t0) * 1e3
-            peak = torch.cuda.max_memory_allocated()
-            record.update(method="torch.cuda.max_memory_allocated - memory_allocated before the call",
-                          baseline_mib=base / MIB, peak_mib=peak / MIB, peak_extra_mib=(peak - base) / MIB)
-        else:
-            use_hwm = _status_kib("VmHWM") is not None and _reset_hwm()
-            base_kib = _status_kib("VmRSS") if use_hwm else _maxrss_kib()
-            t0 = time.perf_counter()
-            out = fn(q, k, v)
-            record["ms"] = (time.perf_counter() - t0) * 1e3
-            peak_kib = _status_kib("VmHWM") if use_hwm else _maxrss_kib()
-            record.update(method=("VmHWM after clear_refs reset - VmRSS before the call" if use_hwm
-                                  else "ru_maxrss growth over the call"),
-                          baseline_mib=base_kib / 1024, peak_mib=peak_kib / 1024,
-                          peak_extra_mib=(peak_kib - base_kib) / 1024,
-                          malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
-        del out
+
+    def call(q, k, v, dout):
+        if not backward:
+            with torch.no_grad():
+                return fn(q, k, v)
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+    def inputs(b, n, h):
+        q, k, v, dout = make_qkv(layout, b, n, h, hdim, dt, device, n_tensors=4)
+        if backward:
+            q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        return q, k, v, dout
+
+    # warm up: lazy initialization is not attention memory. On CPU on a tiny shape (the RSS of this
+    # process must not have held blocks of the measured size before); on CUDA on the full shape
+    # (compilation and autotuning allocate), then the allocator's peak is reset.
+    call(*inputs(1, 128, 2))
+    q, k, v, dout = inputs(batch, seqlen, heads)
+    if device == "cuda":
+        call(q, k, v, dout)
+        torch.cuda.synchronize()
+    gc.collect()
+    record = {"impl": impl, "device": device, "seqlen": seqlen, "batch": batch, "heads": heads, "hdim": hdim,
+              "dtype": dtype, "causal": causal, "layout": layout, "passes": "fwd_bwd" if backward else "fwd",
+              "inputs_mib": 3 * q.numel() * q.element_size() / MIB,
+              "output_mib": q.numel() * q.element_size() / MIB,
+              "scores_mib": score_matrix_bytes(batch, heads, seqlen, seqlen, q.element_size()) / MIB}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = call(q, k, v, dout)
+        torch.cuda.synchronize()
+        record["ms"] = (time.perf_counter() - t0) * 1e3
+        peak = torch.cuda.max_memory_allocated()
+        record.update(method="torch.cuda.max_memory_allocated - memory_allocated before the call",
+                      baseline_mib=base / MIB, peak_mib=peak / MIB, peak_extra_mib=(peak - base) / MIB)
+    else:
+        use_hwm = _status_kib("VmHWM") is not None and _reset_hwm()
+        base_kib = _status_kib("VmRSS") if use_hwm else _maxrss_kib()
+        t0 = time.perf_counter()
+        out = call(q, k, v, dout)
+        record["ms"] = (time.perf_counter() - t0) * 1e3
+        peak_kib = _status_kib("VmHWM") if use_hwm else _maxrss_kib()
+        record.update(method=("VmHWM after clear_refs reset - VmRSS before the call" if use_hwm
+                              else "ru_maxrss growth over the call"),
+                      baseline_mib=base_kib / 1024, peak_mib=peak_kib / 1024,
+                      peak_extra_mib=(peak_kib - base_kib) / 1024,
+                      malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    del out
     return record
 
 
@@ -192,9 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true", help="forward + backward (torch.autograd.grad of q, k, v)")
     a = p.parse_args(argv)
     record = measure_here(a.impl, seqlen=a.seqlen, batch=a.batch, heads=a.heads, hdim=a.hdim, dtype=a.dtype,
-                          causal=a.causal, device=a.device)
+                          causal=a.causal, device=a.device, backward=a.backward)
     print(json.dumps(record), flush=True)
     return 0
 

@@ -172,6 +172,22 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
 
 
+def launch_config(kernel: str, block_d: int) -> dict:
+    """The config (BLOCK_M, BLOCK_N, num_warps, num_stages) `kernel` ("fwd", "dkdv" or "dq") ran with at
+    its last dense launch in this process, and where it came from ("source": "pinned", "autotuned" or
+    "default"). For autotuned kernels it is the autotuner's choice for the last key it saw, so read it
+    right after the call of interest; {"source": "not launched yet"} before any. Block-mask launches
+    use the mask's block size instead (see _launch)."""
+    if kernel in pinned_configs:
+        return dict(pinned_configs[kernel], source="pinned")
+    if not _autotune_enabled():
+        return dict(_default(kernel, block_d), source="default")
+    best = getattr(_tuned[kernel], "best_config", None)
+    if best is None:
+        return {"source": "not launched yet"}
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages, source="autotuned")
+
+
 def _check(q, descale=None):
     if q.dtype == FP8_DTYPE:
         if descale is None:
