@@ -122,6 +122,28 @@ def test_triton_interpreter_layout_with_causal(monkeypatch):
     run_and_compare(flash_attn_func, q, k, v, block_mask=bm, causal=True)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_triton_whole_tiles_path(per_head, monkeypatch):
+    """A layout-only mask (no partly filled tile) on seqlens that are multiples of the tiles, no other mask:
+    the kernels take their unmasked path (BLOCK_SPARSE = 2) and must still equal the reference."""
+    import flashattn.backends.triton as T
+    if not ON_GPU:
+        monkeypatch.setenv("FLASHATTN_BACKEND", "triton")
+    modes = []
+    real = T._sparse_mode
+    monkeypatch.setattr(T, "_sparse_mode", lambda *a: modes.append(real(*a)) or modes[-1])
+    g = torch.Generator().manual_seed(9)
+    bq, bk = (16, 16) if not ON_GPU else (128, 64)
+    n = 4 * bq
+    layout = torch.rand(2 if per_head else 1, 3 if per_head else 1, n // bq, n // bk, generator=g) < 0.4
+    layout[..., 0, 0] = True
+    bm = BlockMask.from_layout(layout.to("cuda" if ON_GPU else "cpu"), (bq, bk), n, n)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    q, k, v = make_qkv(2, n, n, 3, 3, 16 if not ON_GPU else 64, dtype, device="cuda" if ON_GPU else "cpu", seed=9)
+    run_and_compare(flash_attn_func, q, k, v, block_mask=bm, softcap=3.0, name="whole tiles")
+    assert modes and set(modes) == {2}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("name", list(MASK_MODS))

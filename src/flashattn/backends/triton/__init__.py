@@ -256,8 +256,20 @@ def _common_meta(bt: _Batch, d, window_left, window_right, softcap, alibi_slopes
     return dict(GROUP=bt.nheads // bt.nheads_k, HEAD_DIM=d, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
                 HAS_ALIBI=alibi_slopes is not None, VARLEN=bt.varlen, HAS_SINK=num_sink > 0 and window_left >= 0,
-                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None, BLOCK_SPARSE=block_mask is not None,
-                FP8=fp8)
+                DROPOUT=dropout_p > 0.0, HAS_GLOBAL=global_flags is not None,
+                BLOCK_SPARSE=_sparse_mode(bt, window_left, window_right, global_flags, block_mask), FP8=fp8)
+
+
+def _sparse_mode(bt: _Batch, window_left, window_right, global_flags, block_mask) -> int:
+    """BLOCK_SPARSE: 0 without a block mask; 2 when every present tile is seen whole (no partly filled tile,
+    no other mask, seqlens multiples of the tiles), so the kernels skip all masking (FlexAttention's "full
+    blocks"); 1 otherwise (every present tile masked element by element)."""
+    if block_mask is None:
+        return 0
+    bq, bk = block_mask.block_size
+    whole = (block_mask.partial.shape[0] == 0 and window_left < 0 and window_right < 0 and global_flags is None
+             and bt.seqlen_q % bq == 0 and bt.seqlen_k % bk == 0 and not bt.varlen)
+    return 2 if whole else 1
 
 
 def _sparse_args(q, block_mask, lists: str):

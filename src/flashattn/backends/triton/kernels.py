@@ -272,7 +272,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
     for start_n in range(start, end, BLOCK_N):
         if BLOCK_SPARSE:
             kb = tl.load(SpList + start_n // BLOCK_N)
-            tile_pid = tl.load(SpPid + kb)
+            if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
+                tile_pid = tl.load(SpPid + kb)
             start_n = kb * BLOCK_N
             k_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * (
@@ -396,7 +397,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
                                         offs_n, offs_d, stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left,
                                         right, num_sink, sm_scale, softcap, slope, row_key, drop_threshold,
-                                        keep_scale, Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, True, HEAD_DIM,
+                                        keep_scale, Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, BLOCK_SPARSE == 1, HEAD_DIM,
                                         BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
                                         HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M)
     else:
@@ -472,7 +473,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
     for start_m in range(start, end, BLOCK_M):
         if BLOCK_SPARSE:
             qb = tl.load(SpList + start_m // BLOCK_M)
-            tile_pid = tl.load(SpPid + qb * pid_stride)
+            if BLOCK_SPARSE == 1:
+                tile_pid = tl.load(SpPid + qb * pid_stride)
             start_m = qb * BLOCK_M
             qT_ptrs = Q + start_m.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
             do_ptrs = DO + start_m.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
@@ -601,7 +603,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                                           offs_n, offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left,
                                           right, num_sink, s_scale, softcap, slope, seed, bh, drop_threshold,
                                           keep_scale, Glob, k_global, SpIdx + sp + kb * n_qb, SpPid + sp + kb, n_kb,
-                                          SpTile, dp_scale, True, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                          SpTile, dp_scale, BLOCK_SPARSE == 1, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
                                           HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
@@ -636,7 +638,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
     for start_n in range(start, end, BLOCK_N):
         if BLOCK_SPARSE:
             kb = tl.load(SpList + start_n // BLOCK_N)
-            tile_pid = tl.load(SpPid + kb)
+            if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
+                tile_pid = tl.load(SpPid + kb)
             start_n = kb * BLOCK_N
             kT_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             vT_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
@@ -748,7 +751,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
                                 offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
                                 s_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
-                                SpIdx + sp, SpPid + sp, SpTile, dp_scale, True, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                SpIdx + sp, SpPid + sp, SpTile, dp_scale, BLOCK_SPARSE == 1, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                 SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M)
     else:
         for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
