@@ -82,11 +82,15 @@ def _mix32_u32(x):
 
 
 @triton.jit
+def _kept(row_key, cols, threshold):
+    """dropout.keep_mask of the scores (rows, cols): row_key int64 values < 2³² (per row, from _row_keys)."""
+    return _mix32_u32(row_key.to(tl.uint32) ^ cols.to(tl.uint32)) >= threshold.to(tl.uint32)
+
+
+@triton.jit
 def _dropped(x, row_key, cols, threshold, keep_scale):
-    """x where dropout keeps the score (scaled by 1 / (1 - p)), 0 where it drops it (dropout.keep_mask).
-    row_key: int64 values < 2³² (per row, from _row_keys); threshold < 2³²."""
-    keep = _mix32_u32(row_key.to(tl.uint32) ^ cols.to(tl.uint32)) >= threshold.to(tl.uint32)
-    return tl.where(keep, x * keep_scale, 0.0)
+    """x where dropout keeps the score (scaled by 1 / (1 - p)), 0 where it drops it (dropout.keep_mask)."""
+    return tl.where(_kept(row_key, cols, threshold), x * keep_scale, 0.0)
 
 
 @triton.jit
@@ -513,11 +517,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
         dpT = tl.dot(v, tl.trans(do))
         if FP8:
             dpT = dpT * dp_scale
-        if DROPOUT:
-            row_key = _row_keys(seed, bh, rows)
-            dv = tl.dot(_dropped(pT, row_key[None, :], offs_n[:, None], drop_threshold, keep_scale).to(do.dtype), do,
-                        dv)
-            dpT = _dropped(dpT, row_key[None, :], offs_n[:, None], drop_threshold, keep_scale)
+        if DROPOUT:   # one mask for both uses (P for dV, dP's way back)
+            kept = _kept(_row_keys(seed, bh, rows)[None, :], offs_n[:, None], drop_threshold)
+            dv = tl.dot(tl.where(kept, pT * keep_scale, 0.0).to(do.dtype), do, dv)
+            dpT = tl.where(kept, dpT * keep_scale, 0.0)
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv)
         dsT = pT * (dpT - delta[None, :])
