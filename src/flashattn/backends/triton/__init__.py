@@ -146,6 +146,10 @@ _plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq, "f
 
 # kernel name -> config dict: pins a config (benchmark sweeps and experiments), bypassing autotuning
 pinned_configs: dict = {}
+# autotuning key -> the config the autotuner chose for it in this process (see _launch); kernel -> the
+# config of its last autotuned launch (launch_config)
+_chosen: dict = {}
+_last: dict = {}
 
 
 def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=None):
@@ -163,9 +167,22 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
         return
     if kernel not in pinned_configs and _autotune_enabled():
-        fn = _tuned[kernel]
-        grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
-        fn[grid](*args, **meta)
+        # The autotuner's key (its `key` names, as in _KEY, and the tensors' dtypes), kept here: once a key
+        # is tuned, later calls launch the chosen config directly. Triton's autotuner wrapper costs tens of
+        # microseconds of host time per launch, which small calls (GPT-2's shapes) cannot hide.
+        key = (kernel, tuple(meta.items()), args[-2], args[-1],
+               tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        cfg = _chosen.get(key)
+        if cfg is None:
+            fn = _tuned[kernel]
+            grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
+            fn[grid](*args, **meta)
+            best = fn.best_config
+            _chosen[key] = _last[kernel] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+            return
+        _last[kernel] = cfg
+        block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
+        _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
     else:
         cfg = pinned_configs.get(kernel) or _default(kernel, block_d)
         block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
@@ -182,10 +199,9 @@ def launch_config(kernel: str, block_d: int) -> dict:
         return dict(pinned_configs[kernel], source="pinned")
     if not _autotune_enabled():
         return dict(_default(kernel, block_d), source="default")
-    best = getattr(_tuned[kernel], "best_config", None)
-    if best is None:
+    if kernel not in _last:
         return {"source": "not launched yet"}
-    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages, source="autotuned")
+    return dict(_last[kernel], source="autotuned")
 
 
 def _check(q, descale=None):
