@@ -85,7 +85,7 @@ def _check_tensor(name: str, x, layout: str, ndim: int = 4, allow_fp8: bool = Fa
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
         hint = ""
-        if ndim == 4 and x.dim() == 3:
+        if ndim == 4 and x.dim() == 3 and layout.startswith("(batch, seqlen,"):   # the flash_attn layout
             hint = ("; add the missing batch dimension with .unsqueeze(0), or use flash_attn_varlen_func for "
                     "packed (total_tokens, nheads, headdim) batches")
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}{hint}")
@@ -141,7 +141,7 @@ def _check_qkv(q, k, v, layout: str = "(batch, seqlen, nheads, headdim)", allow_
 def _check_options(batch, nheads, headdim, device, dropout_p, softmax_scale, window_size, softcap,
                    alibi_slopes) -> float:
     """Validates the options; returns the softmax scale to use."""
-    if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if softmax_scale is None:
         softmax_scale = masks.default_scale(headdim)
@@ -154,7 +154,7 @@ def _check_options(batch, nheads, headdim, device, dropout_p, softmax_scale, win
             or any(w < -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unlimited), "
                          f"got {window_size!r}")
-    if not isinstance(softcap, numbers.Real) or not (0 <= softcap < math.inf):
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not (0 <= softcap < math.inf):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
     if alibi_slopes is not None:
         b, h = batch, nheads

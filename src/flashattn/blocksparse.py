@@ -65,7 +65,12 @@ class BlockMask:
             q = torch.arange(qb * bq, qb * bq + bq, device=device).view(1, 1, bq, 1)
             valid = (q < seqlen_q) & (kv < seqlen_k)
             m = torch.as_tensor(mask_mod(b, h, q.clamp(max=seqlen_q - 1), kv.clamp(max=seqlen_k - 1)), device=device)
-            m = m.bool().expand(nb, nh, bq, nkb * bk) & valid
+            try:
+                m = m.bool().expand(nb, nh, bq, nkb * bk) & valid
+            except RuntimeError:
+                raise ValueError(f"mask_mod(b, h, q_idx, kv_idx) must return a tensor that broadcasts with its "
+                                 f"index arguments to (batch, nheads, block_q, keys) = {(nb, nh, bq, nkb * bk)}, "
+                                 f"got shape {tuple(m.shape)}; build it from b, h, q_idx and kv_idx elementwise") from None
             m = m.view(nb, nh, bq, nkb, bk).transpose(2, 3)                        # (nb, nh, nkb, bq, bk)
             filled = (m | ~valid.view(1, 1, bq, nkb, bk).transpose(2, 3)).flatten(-2).all(-1)
             present = m.flatten(-2).any(-1)

@@ -128,9 +128,9 @@ def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     if not (MIN_HEADDIM <= d <= MAX_HEADDIM):
         raise ValueError(f"headdim must be between {MIN_HEADDIM} and {MAX_HEADDIM}, got {d}")
     scale = _check_options(b, h, d, q.device, 0.0, softmax_scale, window_size, softcap, alibi_slopes)
-    if not isinstance(num_sink, numbers.Integral) or num_sink < 0:
+    if not isinstance(num_sink, numbers.Integral) or isinstance(num_sink, bool) or num_sink < 0:
         raise ValueError(f"num_sink_tokens must be an int >= 0, got {num_sink!r}")
-    if not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+    if not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose automatically), got {num_splits!r}")
     # -- new tokens
     if (k is None) != (v is None):

@@ -31,10 +31,12 @@ BLOCK_K = 512
 TILE_BYTES = 64 * 2**20
 
 
-def _tiles(geo, block_q: Optional[int], block_k: int) -> Tuple[int, int]:
-    """(block_q, block_k): a block mask's own tiles, else block_q from TILE_BYTES unless given."""
+def _tiles(geo, block_q: Optional[int], block_k: Optional[int]) -> Tuple[int, int]:
+    """(block_q, block_k): a block mask's own tiles, else block_q from TILE_BYTES unless given; BLOCK_Q and
+    BLOCK_K are read here, at call time, so that tests can shrink the tiles of the public API's calls."""
     if geo.block_mask is not None:
         return geo.block_mask.block_size
+    block_k = BLOCK_K if block_k is None else block_k
     if block_q is not None:
         return block_q, block_k
     rows = TILE_BYTES // (4 * geo.b * geo.hk * geo.g * block_k)
@@ -222,7 +224,7 @@ def forward(q, k, v, softmax_scale: float, window_left: int = -1, window_right: 
             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
             dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
             global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
-            block_q: Optional[int] = None, block_k: int = BLOCK_K, descale: Optional[torch.Tensor] = None,
+            block_q: Optional[int] = None, block_k: Optional[int] = None, descale: Optional[torch.Tensor] = None,
             out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: (b, sq, h, d); k, v: (b, sk, hk, d). Returns out (b, sq, h, d) in q.dtype, lse (b, h, sq) float32
     (float64 for float64 inputs).
@@ -260,7 +262,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale: float, window_left: int = -
              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, num_sink: int = 0,
              dropout_p: float = 0.0, dropout_seed: int = 0, batch_offset: int = 0,
              global_flags: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None,
-             block_q: Optional[int] = None, block_k: int = BLOCK_K,
+             block_q: Optional[int] = None, block_k: Optional[int] = None,
              descale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients by recomputation: P = exp(S - lse) tile by tile, never stored whole.
 

@@ -1,9 +1,10 @@
 """Launchers for the Triton kernels: forward(...) -> (out, lse) and backward(...) -> (dq, dk, dv).
 
 Tile shapes, warps and pipeline stages are autotuned per (GPU, head dim, dtype, mask kind, GQA group,
-seqlen bucket) and the winners are cached on disk by Triton (`cache_results=True`, under
-TRITON_CACHE_DIR, default ~/.triton/cache), so a second process does not re-tune.
-FLASHATTN_AUTOTUNE=0 (and the interpreter, TRITON_INTERPRET=1) use one known-good config instead.
+seqlen bucket) and the winners are cached on disk by flashattn (`tuning.py`: one JSON file per key,
+written atomically, validated when read; default ~/.cache/flashattn/autotune), so a second process does
+not re-tune. FLASHATTN_AUTOTUNE=0 (and the interpreter, TRITON_INTERPRET=1) use one known-good config
+instead.
 
 FP8 (float8_e4m3fn q, k, v with a (batch, nheads_k, 3) float32 `descale`): the forward kernel's FP8 case,
 with its own configurations; the backward (experimental) upcasts in the kernels and returns gradients
@@ -21,6 +22,7 @@ import triton
 
 from ... import dropout
 from . import kernels as K
+from . import tuning
 
 _SUPPORTED = (torch.float16, torch.bfloat16)
 FP8_DTYPE = torch.float8_e4m3fn
@@ -33,6 +35,11 @@ def _interpreting() -> bool:
 
 def _autotune_enabled() -> bool:
     return not _interpreting() and os.environ.get("FLASHATTN_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index) if torch.cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,24 +138,26 @@ def _default(kernel: str, block_d: int):
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
-_tuned = {
-    "fwd": triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_fwd},
-                           cache_results=True)(K._attn_fwd),
-    "dkdv": triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_bwd},
-                            cache_results=True)(K._attn_bwd_dkdv),
-    "dq": triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_bwd},
-                          cache_results=True)(K._attn_bwd_dq),
-    "fwd_fp8": triton.autotune(FWD_FP8_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep_fwd_fp8},
-                               cache_results=True)(K._attn_fwd),
-}
+# Triton's autotuner only benchmarks; the results are kept by `tuning` (Triton's own disk cache does not
+# survive a corrupt file: see tuning.py).
+_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "fwd_fp8": FWD_FP8_CONFIGS}
+_KEEP = {"fwd": _keep_fwd, "dkdv": _keep_bwd, "dq": _keep_bwd, "fwd_fp8": _keep_fwd_fp8}
 _plain = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq, "fwd_fp8": K._attn_fwd}
+_tuned = {name: triton.autotune(_CONFIGS[name], key=_KEY, prune_configs_by={"early_config_prune": _KEEP[name]})(fn)
+          for name, fn in _plain.items()}
+
+
+def _tuning_key(args, meta) -> dict:
+    """What a tuned config is chosen per: _KEY's values, the dtype and the GPU model. args start with q and
+    end with _tail(...) (seq_bucket, gpu_key)."""
+    key = {name: meta[name] for name in _KEY if name in meta}
+    key.update(seq_bucket=args[-2], dtype=str(args[0].dtype), gpu=_gpu_name(args[0].device.index or 0))
+    return key
 
 
 # kernel name -> config dict: pins a config (benchmark sweeps and experiments), bypassing autotuning
 pinned_configs: dict = {}
-# autotuning key -> the config the autotuner chose for it in this process (see _launch); kernel -> the
-# config of its last autotuned launch (launch_config)
-_chosen: dict = {}
+# kernel -> the config of its last autotuned launch (launch_config)
 _last: dict = {}
 
 
@@ -167,22 +176,10 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
         return
     if kernel not in pinned_configs and _autotune_enabled():
-        # The autotuner's key (its `key` names, as in _KEY, and the tensors' dtypes), kept here: once a key
-        # is tuned, later calls launch the chosen config directly. Triton's autotuner wrapper costs tens of
-        # microseconds of host time per launch, which small calls (GPT-2's shapes) cannot hide.
-        key = (kernel, tuple(meta.items()), args[-2], args[-1],
-               tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        cfg = _chosen.get(key)
-        if cfg is None:
-            fn = _tuned[kernel]
-            grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
-            fn[grid](*args, **meta)
-            best = fn.best_config
-            _chosen[key] = _last[kernel] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-            return
-        _last[kernel] = cfg
-        block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
-        _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
+        grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
+        config = tuning.run_tuned(kernel, _tuned[kernel], _plain[kernel], grid, args, meta, _tuning_key(args, meta),
+                         _KEEP[kernel](_CONFIGS[kernel], {}, **meta), K)
+        _last[kernel] = dict(config["kwargs"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     else:
         cfg = pinned_configs.get(kernel) or _default(kernel, block_d)
         block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
@@ -314,6 +311,7 @@ def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, sof
             triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0))
 
 
+@tuning.serialized_under_interpreter
 def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0, dropout_p=0.0,
             dropout_seed=0, global_flags=None, block_mask=None, descale=None, out_dtype=None):
@@ -348,6 +346,7 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     return out, lse
 
 
+@tuning.serialized_under_interpreter
 def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, num_sink=0,
              dropout_p=0.0, dropout_seed=0, global_flags=None, block_mask=None, descale=None):

@@ -25,11 +25,13 @@ matters in a loop bound by reading K/V.
 """
 import functools
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .kernels import _scores, _visible
 
 
@@ -211,6 +213,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -239,9 +246,10 @@ def _keep(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_tuned = triton.autotune(DECODE_CONFIGS, key=["ctx_bucket", "page_bucket", "GROUP", "HEAD_DIM", "BLOCK_M",
-                                               "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "PAGE_IS_BATCH"],
-                         prune_configs_by={"early_config_prune": _keep}, cache_results=True)(_attn_fwd_kvcache)
+_KEY = ["ctx_bucket", "page_bucket", "GROUP", "HEAD_DIM", "BLOCK_M", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
+        "PAGE_IS_BATCH"]
+# benchmarks only; flashattn's tuning module keeps the results on disk (see tuning.py)
+_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep})(_attn_fwd_kvcache)
 
 
 def _default_cfg(headdim: int) -> dict:
@@ -250,6 +258,7 @@ def _default_cfg(headdim: int) -> dict:
     return dict(BLOCK_N=64 if headdim <= 128 else 32, num_warps=4, num_stages=3)
 
 
+@tuning.serialized_under_interpreter
 def append_kv(k_cache, v_cache, k, v, block_table, cache_seqlens) -> None:
     """Write k, v (b, s_new, hk, d) into the caches at rows cache_seqlens[b] + t (block_table None: page b)."""
     b, s_new, hk, d = k.shape
@@ -261,6 +270,7 @@ def append_kv(k_cache, v_cache, k, v, block_table, cache_seqlens) -> None:
         PAGE_IS_BATCH=block_table is None)
 
 
+@tuning.serialized_under_interpreter
 def combine(out_partial, lse_partial, out_dtype):
     """out_partial (splits, *rows, d) float32 contiguous, lse_partial (splits, *rows) float32 contiguous
     -> out (*rows, d) in out_dtype, lse (*rows) float32."""
@@ -276,6 +286,7 @@ def combine(out_partial, lse_partial, out_dtype):
     return out, lse
 
 
+@tuning.serialized_under_interpreter
 def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_new: int, max_seqlen_k: int,
                     softmax_scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                     alibi_slopes=None, num_sink: int = 0, num_splits: int = 0):
@@ -321,8 +332,11 @@ def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_
     grid = (row_blocks, b * hk, num_splits)
     if _interpreting() or os.environ.get("FLASHATTN_AUTOTUNE", "1") == "0":
         _attn_fwd_kvcache[grid](*args, **meta, **_default_cfg(d))
-    else:
-        _tuned[grid](*args, **meta)
+    else:   # args end with (ctx_bucket, page_bucket)
+        key = dict({name: meta[name] for name in _KEY if name in meta}, ctx_bucket=args[-2], page_bucket=args[-1],
+                   dtype=str(q.dtype), gpu=_gpu_name(q.device.index or 0))
+        tuning.run_tuned("decode", _tuned, _attn_fwd_kvcache, lambda m: grid, args, meta, key,
+                         _keep(DECODE_CONFIGS, {}, **meta), sys.modules[__name__])
     if num_splits > 1:
         out, lse = combine(out, lse, q.dtype)
         lse = lse.transpose(1, 2)
