@@ -398,6 +398,9 @@ def test_bench_ring_script_runs_on_cpu(tmp_path):
            "--heads", "2", "--hdim", "16", "--single-max", "64", "--reps", "1", "--warmup", "0", "--methods", *methods,
            "--json", str(path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:   # once seen on a 2-core machine running two test suites: rendezvous under load
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(path.read_text())
     got = {(r["seqlen"], r["method"]): r for r in report["results"]}
