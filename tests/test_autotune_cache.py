@@ -320,7 +320,10 @@ _GPU_TUNER = textwrap.dedent("""
 def test_gpu_two_processes_tune_at_once(cache_dir, tmp_path):
     script = tmp_path / "tuner.py"
     script.write_text(_GPU_TUNER)
-    env = dict(os.environ, FLASHATTN_AUTOTUNE_CACHE_DIR=str(cache_dir), FLASHATTN_AUTOTUNE="1")
+    import flashattn
+    src = os.path.dirname(os.path.dirname(os.path.abspath(flashattn.__file__)))   # this checkout's flashattn
+    env = dict(os.environ, FLASHATTN_AUTOTUNE_CACHE_DIR=str(cache_dir), FLASHATTN_AUTOTUNE="1",
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     env.pop("FLASHATTN_BACKEND", None)
     procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]

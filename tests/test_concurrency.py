@@ -71,6 +71,8 @@ def _check_concurrent(calls, workers=4, rounds=3, before=None):
     times in its own rotated order (each thread's `before()` context first, e.g. its own CUDA stream);
     every result must equal the serial one bitwise."""
     serial = [call() for call in calls]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()   # the inputs and serial results are complete before other streams read them
     barrier = threading.Barrier(workers)
 
     def worker(i):

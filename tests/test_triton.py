@@ -16,9 +16,9 @@ ON_GPU = torch.cuda.is_available()   # without one, conftest.py has switched Tri
 
 triton = pytest.importorskip("triton")
 
-from helpers import make_qkv, run_and_compare  # noqa: E402
+from helpers import EPS, check_close, make_qkv, reference_results, run_and_compare  # noqa: E402
 
-from flashattn import flash_attn_func, flash_attn_qkvpacked_func  # noqa: E402
+from flashattn import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func  # noqa: E402
 
 
 @pytest.fixture
@@ -153,17 +153,129 @@ def test_gpu_deterministic_and_strided(triton_backend):
     assert all(torch.equal(a, c) for a, c in zip(g1, g2))
 
 
+def _check_slices(name, ours, ref, pt, rows, dtype):
+    """design.md's rule on a slice of a huge result, eps relative to the slice's own magnitude (its values
+    can be tiny: dk, dv of keys a million queries share)."""
+    check_close(name, ours[rows], ref[rows], pt[rows], atol=EPS[dtype] * ref[rows].abs().max().item())
+
+
 @gpu
 @needs_cuda
-def test_gpu_int64_offsets(triton_backend):
-    """batch·seqlen·nheads·headdim > 2³¹: offsets must be 64-bit. Checks the last batch's rows."""
-    b, s, h, d = 2, 1 << 17, 64, 128   # 2 · 131072 · 64 · 128 = 2.1e9 elements per tensor
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = flash_attn_func(q, k, v, window_size=(63, 0))
-    from flashattn import attention_ref
-    tail = slice(s - 256, s)   # rows from 63 on see only keys inside the tail
-    ref, _ = attention_ref(q[1:, tail], k[1:, tail], v[1:, tail], window_size=(63, 0))
-    assert (out[1:, tail][:, 63:].double() - ref[:, 63:]).abs().max().item() < 2e-2
+@pytest.mark.parametrize("b,s,h", [(3, 1 << 17, 64), (1, 5 << 17, 32)], ids=["batch-offsets", "row-offsets"])
+def test_gpu_int64_offsets(triton_backend, b, s, h):
+    """batch·seqlen·nheads·headdim > 2³¹ (3.2e9 and 2.7e9 elements per tensor, about 48 GiB in all): offsets
+    must be 64-bit, for the batch (batch-offsets: batch entry 2 starts at 2³¹ elements) and for the rows of
+    one sequence (row-offsets: rows past 2¹⁹ start past 2³¹). Forward and backward; checks the last batch
+    entry's last rows (out, lse, dq) and last keys (dk, dv), where a 32-bit offset would have wrapped.
+    Window (63, 0): rows from 63 on in the checked tail see only keys inside it, and keys from 63 on only
+    rows inside it, so the reference runs on the tail alone. (Exactly 2³¹ elements would not do: the
+    largest offset, 2³¹ − 1, still fits in int32.)"""
+    d = 128
+    assert (b - 1) * s * h * d >= 2**31 or s * h * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    out, lse, _ = flash_attn_func(q, k, v, window_size=(63, 0), return_attn_probs=True)
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    tail = slice(s - 256, s)
+    one = (q[-1:, tail], k[-1:, tail], v[-1:, tail])
+    opts = dict(window_size=(63, 0), dout=dout[-1:, tail])
+    ref, pt = reference_results(*one, **opts), reference_results(*one, **opts, compute_dtype=None)
+    inner = (slice(None), slice(63, None))
+    for name, ours in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _check_slices(name, ours[-1:, tail], ref[name], pt[name], inner, torch.bfloat16)
+    check_close("lse", lse[-1:, :, tail][..., 63:], ref["lse"][..., 63:], pt["lse"][..., 63:], dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_int64_offsets_varlen(triton_backend):
+    """A packed batch of 5·2¹⁶ tokens × 64 heads × 128 (2.7e9 elements): the rows of the last sequence start
+    past 2³¹ elements. Causal with window (63, 0); the last sequence's tail against the reference."""
+    total, h, d = 5 << 16, 64, 128
+    lens = [100_000, 1, 100_000, total - 200_001]
+    assert (total - lens[-1]) * h * d > 2**31
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, window_size=(63, 0))
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    tail = slice(total - 256, total)
+    one = (q[None, tail], k[None, tail], v[None, tail])
+    opts = dict(causal=True, window_size=(63, 0), dout=dout[None, tail])
+    ref, pt = reference_results(*one, **opts), reference_results(*one, **opts, compute_dtype=None)
+    inner = (slice(None), slice(63, None))
+    for name, ours in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _check_slices(name, ours[None, tail], ref[name], pt[name], inner, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_int64_offsets_paged_kvcache(triton_backend):
+    """A paged KV cache of 16384 pages × 256 rows × 8 heads × 128 (2³² elements each): the sequences' pages
+    are the last ones, past 2³¹ elements. Decode step (append + attend) against the reference."""
+    from flashattn import flash_attn_with_kvcache
+    pages, page_size, hk, d, h = 1 << 14, 256, 8, 128, 32
+    k_cache = torch.empty(pages, page_size, hk, d, device="cuda", dtype=torch.bfloat16).normal_()
+    v_cache = torch.empty_like(k_cache).normal_()
+    assert k_cache.numel() > 2**31
+    table = torch.tensor([[pages - 1, pages - 3, pages - 5], [pages - 2, pages - 4, 0]], dtype=torch.int32,
+                         device="cuda")
+    lens = torch.tensor([700, 300], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(2, 1, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k_new, v_new = (torch.randn(2, 1, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, block_table=table,
+                                       causal=True, return_softmax_lse=True)
+    for i, n in enumerate((701, 301)):
+        rows = torch.arange(n, device="cuda")
+        page = table[i].long()[rows // page_size]
+        keys, vals = k_cache[page, rows % page_size][None], v_cache[page, rows % page_size][None]
+        ref = reference_results(q[i:i + 1], keys, vals, causal=True)
+        pt = reference_results(q[i:i + 1], keys, vals, causal=True, compute_dtype=None)
+        check_close(f"seq {i} out", out[i:i + 1], ref["out"], pt["out"])
+        check_close(f"seq {i} lse", lse[i:i + 1], ref["lse"], pt["lse"], dtype=torch.bfloat16)
+    torch.testing.assert_close(k_cache[pages - 5, 700 - 512], k_new[0, 0], rtol=0, atol=0)   # appended in place
+
+
+@gpu
+@pytest.mark.slow
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gpu_seqlen_1m(triton_backend, causal):
+    """One sequence of 2²⁰ tokens on one GPU, forward and backward (GQA 4/1, head dim 128, bf16). Checked:
+    out, lse, dq of the last 16 queries (they see every key) and dk, dv of the last 16 keys (causal: seen by
+    those queries only), against the reference on those queries and all keys; and, causal, the first 256
+    rows (they see only the first 256 keys)."""
+    s, h, hk, d = 1 << 20, 4, 1, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(1, s, hk, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert all(torch.isfinite(x).all() for x in (out, lse, dq, dk, dv))
+    last = slice(s - 16, s)
+    opts = dict(causal=causal, dout=dout[:, last])
+    ref = reference_results(q[:, last], k, v, compute_dtype=torch.float32, **opts)   # fp32: 16 × 2²⁰ scores
+    pt = reference_results(q[:, last], k, v, compute_dtype=None, **opts)
+    every = (slice(None),)
+    for name, ours in (("out", out[:, last]), ("dq", dq[:, last])):
+        _check_slices(name, ours, ref[name], pt[name], every, torch.bfloat16)
+    check_close("lse", lse[..., last], ref["lse"], pt["lse"], dtype=torch.bfloat16)
+    if causal:
+        for name, ours in (("dk", dk[:, last]), ("dv", dv[:, last])):
+            _check_slices(name, ours, ref[name][:, last], pt[name][:, last], every, torch.bfloat16)
+        first = slice(0, 256)
+        one = (q[:, first], k[:, first], v[:, first])
+        ref0 = reference_results(*one, causal=True, dout=dout[:, first])
+        pt0 = reference_results(*one, causal=True, dout=dout[:, first], compute_dtype=None)
+        for name, ours in (("out", out[:, first]), ("dq", dq[:, first])):
+            _check_slices(name, ours, ref0[name], pt0[name], every, torch.bfloat16)
 
 
 @gpu
