@@ -194,12 +194,18 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, bwd_fn):
+    """dq, dk, dv from what _setup_context saved, then a None for each non-tensor input. bwd_fn: the
+    custom op `bwd` (traced calls) or its implementation (eager calls)."""
     # lse is returned for inspection and for merging partial results; gradients flow through out only.
     q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask, descale = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens, ctx.num_sink,
-                     ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend, descale)
+    dq, dk, dv = bwd_fn(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens,
+                        ctx.num_sink, ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend, descale)
     return (dq, dk, dv) + (None,) * 19
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, bwd)
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -219,10 +225,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi_slopes, cu_q, cu_k, seed, global_flags, *block_mask, descale = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_q, cu_k, *ctx.max_seqlens,
-                               ctx.num_sink, ctx.dropout_p, seed, global_flags, *block_mask, ctx.backend, descale)
-        return (dq, dk, dv) + (None,) * 19
+        return _grads(ctx, dout, _bwd_impl)
 
 
 def attention(*inputs) -> Tuple[Tensor, Tensor]:

@@ -24,14 +24,13 @@ The visibility rule and the score modifiers are those of the main forward kernel
 matters in a loop bound by reading K/V.
 """
 import functools
-import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import _autotune_enabled, _interpreting, tuning
 from .kernels import _scores, _visible
 
 
@@ -218,10 +217,6 @@ def _gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def choose_num_splits(batch: int, nheads_k: int, row_blocks: int, max_seqlen_k: int, device) -> int:
     """Split the keys only when the (batch, kv-head, row-block) programs leave SMs idle: aim at two
     programs per SM, with at least 512 keys per split (fewer make the merge cost more than it saves)."""
@@ -330,7 +325,7 @@ def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_
                 HAS_ALIBI=alibi_slopes is not None, HAS_SINK=num_sink > 0 and window_left >= 0,
                 HAS_LEFTPAD=leftpad is not None, PAGE_IS_BATCH=block_table is None, BLOCK_M=block_m)
     grid = (row_blocks, b * hk, num_splits)
-    if _interpreting() or os.environ.get("FLASHATTN_AUTOTUNE", "1") == "0":
+    if not _autotune_enabled():
         _attn_fwd_kvcache[grid](*args, **meta, **_default_cfg(d))
     else:   # args end with (ctx_bucket, page_bucket)
         key = dict({name: meta[name] for name in _KEY if name in meta}, ctx_bucket=args[-2], page_bucket=args[-1],

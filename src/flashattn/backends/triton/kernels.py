@@ -224,6 +224,26 @@ def _phase_bounds(bounds, phase: tl.constexpr):
 
 
 @triton.jit
+def _query_tile_visible(offs_m, cols, seqlen_q, seqlen_k, left, right, num_sink, q_global, Glob, SpTile, tile_pid,
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr,
+                        HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) visibility of a tile with query rows offs_m and keys cols (forward and dQ):
+    _visible, and for a block mask's partly filled tile (tile_pid >= 0) its element mask (BlockMask.partial)."""
+    k_global = cols
+    if HAS_GLOBAL:
+        k_global = _global_flags(Glob, cols, seqlen_k)
+    ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
+                  k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
+    if BLOCK_SPARSE:
+        # a tensor condition (newer interpreters reject a scalar mask)
+        has = (tl.arange(0, BLOCK_N)[None, :] * 0 + tile_pid) >= 0
+        tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+        ok = ok & (tl.load(tile + tl.arange(0, BLOCK_N)[None, :], mask=has, other=1) != 0)
+    return ok
+
+
+@triton.jit
 def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, right, num_sink,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr):
@@ -274,6 +294,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
+        tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
             kb = tl.load(SpList + start_n // BLOCK_N)
             if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
@@ -293,16 +314,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                        SOFTCAP, HAS_ALIBI)
         # -- update m_i: rows that have seen only masked keys keep m = -inf; shift them by 0 instead
         if MASK:
-            k_global = cols
-            if HAS_GLOBAL:
-                k_global = _global_flags(Glob, cols, seqlen_k)
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
-                          k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
-            if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
-                # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
-                has = (offs_n[None, :] * 0 + tile_pid) >= 0
-                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-                ok = ok & (tl.load(tile + offs_n[None, :], mask=has, other=1) != 0)
+            ok = _query_tile_visible(offs_m, cols, seqlen_q, seqlen_k, left, right, num_sink, q_global, Glob, SpTile,
+                                     tile_pid, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M,
+                                     BLOCK_N)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -639,6 +653,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
     vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
+        tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
             kb = tl.load(SpList + start_n // BLOCK_N)
             if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
@@ -662,16 +677,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                        SOFTCAP, HAS_ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASK:
-            k_global = cols
-            if HAS_GLOBAL:
-                k_global = _global_flags(Glob, cols, seqlen_k)
-            ok = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, left, right, num_sink, q_global[:, None],
-                          k_global[None, :], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
-            if BLOCK_SPARSE:   # a partly filled tile of a block mask: its own element mask (BlockMask.partial)
-                # tile_pid >= 0: this tile has an element mask (a tensor condition: newer interpreters reject a scalar)
-                has = (offs_n[None, :] * 0 + tile_pid) >= 0
-                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
-                ok = ok & (tl.load(tile + offs_n[None, :], mask=has, other=1) != 0)
+            ok = _query_tile_visible(offs_m, cols, seqlen_q, seqlen_k, left, right, num_sink, q_global, Glob, SpTile,
+                                     tile_pid, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M,
+                                     BLOCK_N)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vT)
         if FP8:
