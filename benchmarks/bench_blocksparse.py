@@ -19,6 +19,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--seqlen", type=int, default=8192)
 ap.add_argument("--density", type=float, default=0.25)
 ap.add_argument("--block", type=int, nargs=2, default=(128, 64))
+ap.add_argument("--kernels", action="store_true",
+                help="also the backward's kernels timed apart (torch.profiler), dense with the mask's tiles pinned too")
 args = ap.parse_args()
 s, (bq, bk) = args.seqlen, args.block
 b, h, d = max(1, 16384 // s), 16, 128
@@ -40,3 +42,34 @@ print(f"{torch.cuda.get_device_name()}  seqlen {s}  blocks {bq}x{bk}  density {b
 for name, fwd, bwd in rows:
     print(f"{name:7s} fwd {fwd:7.3f} ms ({tflops(f, fwd):5.0f} dense-equivalent TFLOP/s)   bwd {bwd:7.3f} ms")
 print(f"speed-up sparse vs dense: fwd {rows[0][1] / rows[1][1]:.2f}x   bwd {rows[0][2] / rows[1][2]:.2f}x")
+
+
+def kernel_times(kw):
+    """CUDA time per kernel name (us) of one backward, from torch.profiler over 5 backwards."""
+    from torch.profiler import ProfilerActivity, profile
+    out = flash_attn_func(q, k, v, **kw)
+    for _ in range(3):
+        torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {e.key: e.self_device_time_total / 5 for e in events}
+
+
+if args.kernels:
+    from flashattn.backends import triton as fa_triton
+    variants = [("dense (tuned)", {}, {}), ("sparse", {"block_mask": bm}, {})]
+    tile = dict(BLOCK_M=bq, BLOCK_N=bk, num_warps=8, num_stages=2)
+    variants.append(("dense, mask's tiles", {}, {"dkdv": tile, "dq": tile}))
+    for bm_, bn_, w_ in ((32, 64, 4), (64, 64, 4)):
+        variants.append((f"dense, dkdv {bm_}x{bn_}", {}, {"dkdv": dict(BLOCK_M=bm_, BLOCK_N=bn_, num_warps=w_, num_stages=2)}))
+    for name, kw, pins in variants:
+        fa_triton.pinned_configs.clear()
+        fa_triton.pinned_configs.update(pins)
+        times = kernel_times(kw)
+        cells = "  ".join(f"{key.split('(')[0][:24]} {t:7.0f}" for key, t in sorted(times.items(), key=lambda x: -x[1])[:3])
+        print(f"{name:22s} bwd kernels (us): {cells}")
+    fa_triton.pinned_configs.clear()

@@ -174,33 +174,38 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
 
 
 @triton.jit
-def _combine(OutP, LseP, Out, Lse, num_splits, rows, stride_ps, stride_ls, stride_lr,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    """flashattn.combine's formula for BLOCK_R rows per program. OutP (splits, rows, d) float32 with split
-    stride stride_ps, LseP (splits, rows) float32; Out (rows, d) contiguous, Lse (rows,) at stride_lr."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _combine(OutP, LseP, Out, Lse, num_splits, stride_ps, stride_ls, stride_lr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """flashattn.combine's formula for one row per program (grid: rows). OutP (splits, rows, d) float32
+    with split stride stride_ps, LseP (splits, rows) float32; Out (rows, d) contiguous, Lse (rows,) at
+    stride_lr. BLOCK_S splits are loaded at once (one memory round trip for up to BLOCK_S splits: a
+    loop over the splits one by one waits for each load in turn, ~1 µs apiece), merged online across
+    chunks when there are more."""
+    row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    r_ok = offs_r < rows
-    lse = tl.load(LseP + offs_s[:, None] * stride_ls + offs_r[None, :],
-                  mask=(offs_s[:, None] < num_splits) & r_ok[None, :], other=float("-inf"))   # (S, R)
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe[None, :])                      # 0 for empty splits
-    total = tl.sum(w, 0)
-    empty = total == 0.0
-    w = w / tl.where(empty, 1.0, total)[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     d_ok = offs_d < HEAD_DIM
-    o_ptrs = OutP + offs_r[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    for s in range(num_splits):
-        ws = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)      # (R,): split s's weight per row
-        acc += ws[:, None] * tl.load(o_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        o_ptrs += stride_ps
-    tl.store(Out + offs_r[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + offs_r * stride_lr, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))),
-             mask=r_ok)
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
+    total = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        s_ok = s < num_splits
+        lse = tl.load(LseP + s.to(tl.int64) * stride_ls + row, mask=s_ok, other=float("-inf"))
+        o = tl.load(OutP + s[:, None].to(tl.int64) * stride_ps + row * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # -inf - -inf would be NaN
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe)                                # 0 for empty splits
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)
+    tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(Lse + row * stride_lr, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,11 +278,11 @@ def combine(out_partial, lse_partial, out_dtype):
     rows = lse_partial[0].numel()
     out = torch.empty(out_partial.shape[1:], device=out_partial.device, dtype=out_dtype)
     lse = torch.empty(lse_partial.shape[1:], device=out_partial.device, dtype=torch.float32)
-    block_r = 16
-    _combine[(triton.cdiv(rows, block_r),)](out_partial, lse_partial, out, lse, splits, rows, out_partial.stride(0),
-                                            lse_partial.stride(0), 1, HEAD_DIM=d,
-                                            BLOCK_D=max(16, triton.next_power_of_2(d)),
-                                            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_R=block_r)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_s = max(2, min(triton.next_power_of_2(splits), 64 if block_d <= 128 else 32))
+    if rows:
+        _combine[(rows,)](out_partial, lse_partial, out, lse, splits, out_partial.stride(0), lse_partial.stride(0), 1,
+                          HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s)
     return out, lse
 
 
