@@ -100,7 +100,12 @@ def test_logits_beyond_fp16_range(backend, causal):
     run_and_compare(flash_attn_func, q, k, v, softmax_scale=scale, causal=causal, name="huge logits")
     out, lse, *grads = _grads(q, k, v, softmax_scale=scale, causal=causal)
     assert all(torch.isfinite(x).all() for x in (out, lse, *grads))
-    # the rows that see the last key copy its value (the next key is e^-14 behind), the others the first key's
+    # the rows that see the last key copy its value (the next key is e^-14 behind), the others the first key's;
+    # in bf16 (spacing 1/16 near 10) neighbouring keys round to one value, and the right answer is then a
+    # softmax over the tied keys (weighted by the small other coordinates): the comparison with the
+    # reference above covers that case
+    if torch.unique(k[0, :, 0, 0]).numel() < k.shape[1]:
+        return
     last, first = v[0, -1].float(), v[0, 0].float()
     odd = out[0, 1::2].float()
     if not causal:   # causal rows see keys 0 .. 46 + i: not the last key

@@ -168,10 +168,16 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
     if block_mask is not None:
         bq, bk = block_mask.block_size
         cfg = dict(_default(kernel, block_d), BLOCK_M=bq, BLOCK_N=bk)
+        if kernel == "dkdv":
+            # dK/dV streams the query rows of each listed block in its own, shorter tiles (SUB_M per block):
+            # at 128x64 blocks, one 128-row tile made dK/dV 3.6x slower than its 32-row tiles (NOTES.md)
+            sub_m = max(1, bq // min(bq, _default(kernel, block_d)["BLOCK_M"]))
+            cfg["BLOCK_M"], meta = bq // sub_m, dict(meta, SUB_M=sub_m)
         if not _interpreting():
-            while cfg["num_stages"] > 1 and _smem_bytes(kernel, bq, bk, block_d, cfg["num_stages"]) > 200 * 1024:
+            while cfg["num_stages"] > 1 and _smem_bytes(kernel, cfg["BLOCK_M"], bk, block_d,
+                                                         cfg["num_stages"]) > 200 * 1024:
                 cfg["num_stages"] -= 1
-            if bq * bk >= 128 * 64:
+            if cfg["BLOCK_M"] * bk >= 128 * 64:
                 cfg["num_warps"] = 8   # 4 warps would hold a 128-row accumulator in too few registers
         _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
         return
@@ -387,7 +393,8 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     kv_ptrs, kv_ints = _sparse_args(q, block_mask, "kv")
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
             (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *q_ptrs, descale, *inputs, *bt.strides(dk),
-             *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail), meta, block_mask)
+             *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail), dict(meta, SUB_M=1),
+            block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
             (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, descale, *inputs, *bt.strides(dq),
              *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail), meta, block_mask)

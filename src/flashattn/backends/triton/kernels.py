@@ -477,12 +477,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
                          HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SUB_M: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
-    BLOCK_SPARSE: [start, end) walks the list SpList of query blocks (as in _attn_fwd_inner); the
-    element-mask tile of query block qb is SpPid[qb · pid_stride].
+    BLOCK_SPARSE: [start, end) walks the list SpList of query blocks (as in _attn_fwd_inner) in SUB_M
+    tiles of BLOCK_M rows per listed block (the mask's blocks have SUB_M · BLOCK_M rows: dK/dV's best
+    tiles stream fewer query rows than the forward's); the element-mask tile of query block qb is
+    SpPid[qb · pid_stride], its rows SUB_M · BLOCK_M long.
     FP8: q tiles are float8, upcast (exactly) to dO's type; dP is scaled by dp_scale (v's descale).
     """
     qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
@@ -490,10 +492,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
         if BLOCK_SPARSE:
-            qb = tl.load(SpList + start_m // BLOCK_M)
+            it = start_m // BLOCK_M
+            qb = tl.load(SpList + it // SUB_M)
+            sub_m = (it % SUB_M) * BLOCK_M   # this tile's first row within the mask's block
             if BLOCK_SPARSE == 1:
                 tile_pid = tl.load(SpPid + qb * pid_stride)
-            start_m = qb * BLOCK_M
+            start_m = qb * (BLOCK_M * SUB_M) + sub_m
             qT_ptrs = Q + start_m.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
             do_ptrs = DO + start_m.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -524,8 +528,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                           k_global[:, None], HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL)
             if BLOCK_SPARSE:
                 has = (offs_m[None, :] * 0 + tile_pid) >= 0
-                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_N)[:, None]
-                ok = ok & (tl.load(tile + offs_m[None, :] * BLOCK_N, mask=has, other=1) != 0)
+                tile = SpTile + tile_pid.to(tl.int64) * (BLOCK_M * SUB_M * BLOCK_N) + tl.arange(0, BLOCK_N)[:, None]
+                ok = ok & (tl.load(tile + (sub_m + offs_m[None, :]) * BLOCK_N, mask=has, other=1) != 0)
             pT = tl.where(ok, pT, 0.0)
         # dP = dO Vᵀ, dS = P ∘ (dP − Δ); with dropout, V saw P ∘ Z and dP passes back through Z
         dpT = tl.dot(v, tl.trans(do))
@@ -562,9 +566,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                   BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SUB_M: tl.constexpr):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k).
+    SUB_M: with a block mask, its blocks have SUB_M · BLOCK_M query rows (see _attn_bwd_dkdv_inner).
 
     FP8 (experimental): Q, K, V float8 e4m3 with Descale (batch, nheads_k, 3) as in the forward, upcast
     to dO's type (bf16/fp16 hold every e4m3 value exactly); gradients of the dequantized inputs."""
@@ -616,12 +622,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
             kb = tl.program_id(0)
             sp = off_b * stride_sb + off_h * stride_sh
             count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, count * 0, count * BLOCK_M,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, count * 0, count * (SUB_M * BLOCK_M),
                                           offs_n, offs_m, offs_d, stride_qm, stride_dom, seqlen_q, seqlen_k, left,
                                           right, num_sink, s_scale, softcap, slope, seed, bh, drop_threshold,
                                           keep_scale, Glob, k_global, SpIdx + sp + kb * n_qb, SpPid + sp + kb, n_kb,
                                           SpTile, dp_scale, BLOCK_SPARSE == 1, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                          HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N)
+                                          HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, SUB_M)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
                 p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
@@ -630,7 +636,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                                               s_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
                                               k_global, SpIdx, SpPid, n_kb, SpTile, dp_scale, phase != 0, HEAD_DIM,
                                               BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                              HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N)
+                                              HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, 1)
     dk = dk * dk_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
