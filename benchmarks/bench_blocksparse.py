@@ -66,10 +66,19 @@ if args.kernels:
     variants.append(("dense, mask's tiles", {}, {"dkdv": tile, "dq": tile}))
     for bm_, bn_, w_ in ((32, 64, 4), (64, 64, 4)):
         variants.append((f"dense, dkdv {bm_}x{bn_}", {}, {"dkdv": dict(BLOCK_M=bm_, BLOCK_N=bn_, num_warps=w_, num_stages=2)}))
+    variants.append(("dense, fwd mask's tile", {}, {"fwd": dict(tile, num_stages=3)}))
     for name, kw, pins in variants:
         fa_triton.pinned_configs.clear()
         fa_triton.pinned_configs.update(pins)
+        if not pins or "fwd" in pins:
+            fwd_ms = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, **kw), return_mode="median")
+            print(f"{name:22s} fwd {fwd_ms * 1000:7.0f} us  (fwd config {fa_triton.launch_config('fwd', 128)})")
         times = kernel_times(kw)
         cells = "  ".join(f"{key.split('(')[0][:24]} {t:7.0f}" for key, t in sorted(times.items(), key=lambda x: -x[1])[:3])
         print(f"{name:22s} bwd kernels (us): {cells}")
+    fa_triton.pinned_configs.clear()
+    for w_, s_ in ((8, 2), (8, 4), (8, 5), (4, 3)):   # the sparse forward's warps and stages (tiles: the mask's)
+        fa_triton.pinned_configs["fwd"] = dict(num_warps=w_, num_stages=s_)
+        fwd_ms = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, block_mask=bm), return_mode="median")
+        print(f"sparse fwd, {w_} warps {s_} stages: {fwd_ms * 1000:7.0f} us")
     fa_triton.pinned_configs.clear()

@@ -177,8 +177,10 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
             while cfg["num_stages"] > 1 and _smem_bytes(kernel, cfg["BLOCK_M"], bk, block_d,
                                                          cfg["num_stages"]) > 200 * 1024:
                 cfg["num_stages"] -= 1
-            if cfg["BLOCK_M"] * bk >= 128 * 64:
-                cfg["num_warps"] = 8   # 4 warps would hold a 128-row accumulator in too few registers
+            if (bk if kernel == "dkdv" else cfg["BLOCK_M"]) >= 128:
+                cfg["num_warps"] = 8   # 4 warps would hold a 128-row accumulator (dK/dV: 128 keys) in too few registers
+        # a pinned config's warps and stages apply (experiments); the tiles stay the mask's
+        cfg.update({k: v for k, v in pinned_configs.get(kernel, {}).items() if k in ("num_warps", "num_stages")})
         _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
         return
     if kernel not in pinned_configs and _autotune_enabled():
