@@ -66,6 +66,14 @@ def kvc(q=None, k_cache=None, v_cache=None, **kw):
     return lambda: flash_attn_with_kvcache(q, kc, vc, **kw)
 
 
+def kv8(q_dtype=torch.float16, **kw):
+    """kvc over a float8_e4m3fn cache, q in q_dtype."""
+    cache = lambda: torch.zeros(2, 8, 2, 16, dtype=torch.float8_e4m3fn)
+    kw.setdefault("k_cache", cache())
+    kw.setdefault("v_cache", cache())
+    return kvc(q=torch.zeros(2, 1, 4, 16, dtype=q_dtype), **kw)
+
+
 def sdpa(h=4, hk=4, sq=5, sk=5, **kw):
     q = torch.zeros(2, h, sq, 16)
     k, v = torch.zeros(2, hk, sk, 16), torch.zeros(2, hk, sk, 16)
@@ -199,6 +207,20 @@ CASES: List[Case] = [
     Case("num-splits", KV, "num_splits=-1", kvc(num_splits=-1), ValueError, r"num_splits must be an int >= 0"),
     Case("kv-sinks-bool", KV, "num_sink_tokens=True", kvc(num_sink_tokens=True), ValueError,
          r"num_sink_tokens must be an int >= 0, got True"),
+    Case("kv-fp8-q-float32", KV, "a float8_e4m3fn cache for float32 q", kv8(q_dtype=torch.float32), TypeError,
+         r"q has dtype torch.float32 but the cache is float8_e4m3fn.*bfloat16 or float16 q"),
+    Case("kv-fp8-q-fp8", KV, "q in float8_e4m3fn", kv8(q_dtype=torch.float8_e4m3fn), TypeError,
+         r"q is float8_e4m3fn: flash_attn_with_kvcache takes bfloat16 or float16 q"),
+    Case("kv-fp8-mixed", KV, "a float8_e4m3fn k_cache with a float16 v_cache",
+         kv8(v_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), TypeError,
+         r"k_cache is torch.float8_e4m3fn but v_cache is torch.float16: an FP8 cache has both"),
+    Case("kv-descale-shape", KV, "k_descale of shape (4,) for (batch, nheads_k) = (2, 2)",
+         kv8(k_descale=torch.ones(4)), ValueError, r"k_descale must have shape \(1,\) \(per tensor\) or "
+                                                     r"\(batch, nheads_k\)=\(2, 2\).*got \(4,\)"),
+    Case("kv-descale-dtype", KV, "v_descale in float64", kv8(v_descale=torch.ones(1, dtype=torch.float64)), TypeError,
+         r"v_descale must have dtype torch.float32, got torch.float64"),
+    Case("kv-descale-not-fp8", KV, "k_descale with a float32 cache", kvc(k_descale=torch.ones(1)), ValueError,
+         r"k_descale is given but the cache is torch.float32.*float8_e4m3fn"),
     Case("paged-out-of-pages", "PagedKVCache.reserve", "more tokens than free pages",
          lambda: (lambda c: c.reserve([c.add_sequence()], 100))(PagedKVCache(2, 4, 1, 16, dtype=torch.float32)),
          RuntimeError, r"needs 25 more pages but has 2 free"),

@@ -394,3 +394,29 @@ def test_memory_sweep_skips_and_failures_json_on_stdout(monkeypatch, capsys):
 def test_memory_sweep_rejects_unknown_impls():
     with pytest.raises(SystemExit, match="unknown implementation"):
         main(["memory", "--device", "cpu", "--impls", "flashattn,xformers"])
+
+
+def test_decode_bench_fp8_caches_on_cpu():
+    """`bench decode --kv-dtype fp8` builds its caches with _fp8_cache and _paged (the timing itself needs a
+    GPU): the paged float8 pages hold the same bytes as the contiguous cache, and both decode alike."""
+    import torch
+
+    from flashattn import flash_attn_with_kvcache
+    from flashattn.bench import decode
+
+    g = torch.Generator().manual_seed(0)
+    b, s, hk, d = 2, 37, 2, 16
+    k, v = (torch.randn(b, s, hk, d, generator=g).bfloat16() for _ in range(2))
+    (k8, kd), (v8, vd) = decode._fp8_cache(k), decode._fp8_cache(v)
+    assert k8.dtype == torch.float8_e4m3fn and kd.shape == (b, hk)
+    assert (k8.float().abs().amax(dim=(1, 3)) == 448).all()          # amax / 448: the largest maps to 448
+    kp, vp, table = decode._paged(k8, v8, 16, g)
+    assert kp.dtype == torch.float8_e4m3fn and kp.shape == (b * 3, 16, hk, d)
+    rows = torch.arange(s)
+    pages = table.long()[:, rows // 16]
+    assert torch.equal(kp[pages, rows % 16].view(torch.uint8), k8.view(torch.uint8))
+    q = torch.randn(b, 1, 2 * hk, d, generator=g).bfloat16()
+    kw = dict(cache_seqlens=s, causal=True, k_descale=kd, v_descale=vd)
+    assert torch.equal(flash_attn_with_kvcache(q, k8, v8, **kw), flash_attn_with_kvcache(q, kp, vp, block_table=table, **kw))
+    header = decode.format_table([], ["contiguous"], None, False, {}, {}, 4, 2, 16, "fp8")
+    assert "fp8 (e4m3) K/V cache" in header

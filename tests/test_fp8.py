@@ -506,6 +506,8 @@ def test_accuracy_report_on_cpu(tmp_path):
     assert fwd["outlier channels"]["fp8 head + rot"] < 0.5 * fwd["outlier channels"]["fp8 head"]
     assert set(bwd) == {"bf16", "fp8 head", "fp8 head + rot", "fp8 head vs bf16"}
     assert all(3 * bwd["bf16"][g] < bwd["fp8 head"][g] < 1.0 for g in ("dq", "dk", "dv")), bwd
+    kv = run["kvcache"]   # decoding over an FP8 cache: e4m3's error on K and V only
+    assert all(3 * kv["bf16"] < kv[c] < 0.2 for c in ("fp8 tensor", "fp8 head")), kv
 
 
 def test_bench_fp8_accuracy_option_runs_the_report(monkeypatch):

@@ -4,13 +4,15 @@ The expected result is built the plain way: each sequence's keys are collected f
 Python indexing (page by page), the new tokens appended, and attention_ref runs on that sequence.
 Backends: the PyTorch path (gathered keys through the varlen forward), and the Triton kernel
 (`backends/triton/decode.py`: under the interpreter on the CPU with fp16, on the GPU with the `gpu` mark).
+FP8 caches (k_descale, v_descale in the options) are checked here too, by tests/test_fp8_kvcache.py: the
+new tokens are quantized into the expected cache, and the reference attends to the dequantized rows.
 """
 import math
 
 import pytest
 import torch
 
-from flashattn import PagedKVCache, StreamingKVCache, flash_attn_func, flash_attn_with_kvcache
+from flashattn import PagedKVCache, StreamingKVCache, flash_attn_func, flash_attn_with_kvcache, fp8
 from flashattn.reference import attention_ref
 from flashattn.rotary import apply_rotary_emb
 from helpers import check_close
@@ -33,14 +35,23 @@ def _tables(n, rotary_dim):
     return ang.cos().float(), ang.sin().float()
 
 
+def _per_head(descale, b, hk):
+    """A descale as (b, hk) float64 (None: 1)."""
+    return torch.ones(b, hk, dtype=torch.float64) if descale is None else descale.double().cpu().expand(b, hk)
+
+
 def _expected(q, k_cache, v_cache, k, v, seqlens, leftpad, pages, page_size, cos, sin, interleaved, causal,
               window, compute_dtype, **opts):
     """Per sequence: keys gathered row by row, new tokens rotated and appended; attention_ref.
+    FP8 caches: the new tokens are quantized with k_descale[b, head] (fp8.quantize_with) into the cache,
+    and the rows gathered are dequantized (x8 · descale, exact in float64; in q's dtype for compute_dtype None).
     Returns out (b, sq, h, d), lse (b, h, sq) and the caches as they must be afterwards."""
     kc, vc = k_cache.clone(), v_cache.clone()
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
     local = causal or tuple(window) != (-1, -1)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    kd, vd = (_per_head(opts.get(n), b, k_cache.shape[2]) for n in ("k_descale", "v_descale"))
     outs, lses = [], []
     for i in range(b):
         n, pad = int(seqlens[i]), int(leftpad[i])
@@ -51,6 +62,9 @@ def _expected(q, k_cache, v_cache, k, v, seqlens, leftpad, pages, page_size, cos
                 ki = apply_rotary_emb(ki, cos, sin, interleaved, seqlen_offsets=n)
                 qi = (apply_rotary_emb(qi, cos, sin, interleaved, seqlen_offsets=n) if local else
                       apply_rotary_emb(qi, cos[n:n + 1].expand(sq, -1), sin[n:n + 1].expand(sq, -1), interleaved))
+            if kv_fp8:
+                ki = fp8.quantize_with(ki, kd[i, :, None].float().to(ki.device))
+                vi = fp8.quantize_with(vi, vd[i, :, None].float().to(vi.device))
             for t in range(s_new):
                 row = n + t
                 kc[pages[i][row // page_size], row % page_size] = ki[0, t]
@@ -58,6 +72,10 @@ def _expected(q, k_cache, v_cache, k, v, seqlens, leftpad, pages, page_size, cos
         rows = range(pad, n + s_new)
         keys = torch.stack([kc[pages[i][r // page_size], r % page_size] for r in rows]) if rows else kc[0, :0]
         vals = torch.stack([vc[pages[i][r // page_size], r % page_size] for r in rows]) if rows else vc[0, :0]
+        if kv_fp8:
+            dt = torch.float64 if compute_dtype is not None else q.dtype
+            keys = (keys.double() * kd[i, :, None].to(keys.device)).to(dt)
+            vals = (vals.double() * vd[i, :, None].to(vals.device)).to(dt)
         alibi = opts.get("alibi_slopes")
         o, l = attention_ref(qi, keys[None], vals[None], causal=causal, window_size=window,
                              softcap=opts.get("softcap", 0.0), num_sink_tokens=opts.get("num_sink_tokens", 0),
@@ -89,7 +107,12 @@ def _check(q, k_cache, v_cache, k=None, v=None, *, seqlens, leftpad=None, batch_
     pt_o, pt_l, _, _ = _expected(*args, None, **opts)
     check_close(f"{name} out", out.float(), ref_o, pt_o.float())
     check_close(f"{name} lse", lse.float(), ref_l, pt_l.float())
-    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc), f"{name}: the cache was not updated as expected"
+    assert _same_bytes(kc, ref_kc) and _same_bytes(vc, ref_vc), f"{name}: the cache was not updated as expected"
+    return out, lse, kc, vc
+
+
+def _same_bytes(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 CASES = {

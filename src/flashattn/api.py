@@ -263,22 +263,27 @@ def _fp8_descale(q, k, v, descales, out_dtype, dropout_p, global_tokens, block_m
                          "For FP8 training call flashattn.fp8.attention(q, k, v, ...) on the bf16 tensors (it "
                          "quantizes inside and returns bf16 gradients), or pass detached FP8 inputs")
     b, hk = k.shape[0], k.shape[2]
-    factors = []
-    for name, d in zip(names, descales):
-        if d is None:
-            d = torch.ones(1, device=q.device)
-        elif not isinstance(d, torch.Tensor):
-            raise TypeError(f"{name} must be a float32 tensor of shape (1,) or (batch, nheads_k)=({b}, {hk}), "
-                            f"got {type(d).__name__}; wrap a number as torch.tensor([x], device=q.device)")
-        elif d.dtype != torch.float32:
-            raise TypeError(f"{name} must have dtype torch.float32, got {d.dtype}; convert it with .float()")
-        elif tuple(d.shape) not in ((1,), (b, hk)):
-            raise ValueError(f"{name} must have shape (1,) (per tensor) or (batch, nheads_k)=({b}, {hk}) (per batch "
-                             f"entry and kv head; q's is per kv head too), got {tuple(d.shape)}")
-        elif d.device != q.device:
-            raise ValueError(f"{name} is on {d.device} but q is on {q.device}; move it with .to(q.device)")
-        factors.append(d.expand(b, hk))
+    factors = [_check_descale(name, d, b, hk, q.device) for name, d in zip(names, descales)]
     return torch.stack(factors, dim=-1).contiguous(), out_dtype
+
+
+def _check_descale(name: str, d, batch: int, nheads_k: int, device) -> torch.Tensor:
+    """A descale factor as FlashAttention-3 takes it: None (= 1), or a float32 tensor of one element (per
+    tensor) or of shape (batch, nheads_k) (per batch entry and kv head). Returns a (batch, nheads_k) view."""
+    if d is None:
+        d = torch.ones(1, device=device)
+    elif not isinstance(d, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 tensor of shape (1,) or (batch, nheads_k)=({batch}, {nheads_k}), "
+                        f"got {type(d).__name__}; wrap a number as torch.tensor([x], device=q.device)")
+    elif d.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype torch.float32, got {d.dtype}; convert it with .float()")
+    elif d.numel() != 1 and tuple(d.shape) != (batch, nheads_k):
+        hint = "; q's is per kv head too" if name == "q_descale" else ""
+        raise ValueError(f"{name} must have shape (1,) (per tensor) or (batch, nheads_k)=({batch}, {nheads_k}) (per "
+                         f"batch entry and kv head{hint}), got {tuple(d.shape)}")
+    elif d.device != device:
+        raise ValueError(f"{name} is on {d.device} but q is on {device}; move it with .to(q.device)")
+    return d.reshape(()).expand(batch, nheads_k) if d.numel() == 1 else d
 
 
 def _op_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,

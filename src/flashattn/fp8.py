@@ -64,9 +64,16 @@ def quantize(x: torch.Tensor, granularity: str = "tensor",
         xf = xf.reshape(b, s, hk, h // hk, d)
         amax = xf.abs().amax(dim=(1, 3, 4)) if xf.numel() else xf.new_zeros(b, hk)
     descale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    scaled = xf / (descale if granularity == "tensor" else descale[:, None, :, None, None])
-    x8 = scaled.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).reshape(x.shape)
-    return x8, descale
+    x8 = quantize_with(xf, descale if granularity == "tensor" else descale[:, None, :, None, None])
+    return x8.reshape(x.shape), descale
+
+
+def quantize_with(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """x (any shape, any float dtype) and a float32 descale broadcasting to it -> float8_e4m3fn x / descale,
+    computed in float32, clamped to ±448 (values beyond 448 · descale saturate) and rounded to nearest even.
+    The one definition of quantizing with a given descale: `quantize` (descale from amax) and the FP8 KV
+    cache's append (descales fixed per sequence and kv head; `_append_kv` restates it in Triton)."""
+    return (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def dequantize(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:

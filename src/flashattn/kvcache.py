@@ -14,6 +14,12 @@ heads of a GQA group into one tile and splitting long contexts over several prog
 results `flashattn.combine` merges. Elsewhere the keys of each sequence are gathered and the packed
 (varlen) forward runs, the same online-softmax loop as everywhere.
 
+FP8 caches: k_cache, v_cache in float8_e4m3fn hold x8 standing for x = x8 · descale, with k_descale,
+v_descale fixed per sequence and kv head (or per tensor), chosen by the caller; q, the new k, v and the
+output stay bf16/fp16. New tokens are quantized on their way into the cache (fp8.quantize_with), and
+attention reads the e4m3 tiles, upcasts them exactly and applies the descales in fp32; the PyTorch path
+dequantizes the gathered keys in float32 (the same definition).
+
 `PagedKVCache` allocates pages for sequences that come and go (a minimal allocator for users who do
 not bring their own); `StreamingKVCache` keeps the first sink tokens and a sliding window of recent
 ones (StreamingLLM) in fixed memory, for generation of any length.
@@ -21,13 +27,15 @@ ones (StreamingLLM) in fixed memory, for generation of any length.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import masks, ops
-from .api import MAX_HEADDIM, MIN_HEADDIM, _check_options, _check_tensor, choose_backend
+from . import fp8, masks, ops
+from .api import (FP8_DTYPE, MAX_HEADDIM, MIN_HEADDIM, _check_descale, _check_options, _check_tensor, _fp8_capable,
+                  choose_backend)
 from .rotary import rotate
 
 CACHE_LAYOUT = "(batch_cache, seqlen_cache, nheads_k, headdim), or (num_pages, page_size, nheads_k, headdim) with block_table"
@@ -45,15 +53,18 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                             causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                             rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
                             num_splits: int = 0, return_softmax_lse: bool = False, *, num_sink_tokens: int = 0,
-                            validate: bool = True):
+                            validate: bool = True, k_descale: Optional[Tensor] = None,
+                            v_descale: Optional[Tensor] = None):
     """Attention of q over a KV cache, after appending the new k, v to it in place (inference: no gradients).
 
     Args:
         q: (batch, seqlen_q, nheads, headdim); seqlen_q = 1 when decoding, more for chunked prefill.
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with block_table
             (num_pages, page_size, nheads_k, headdim) for any page_size >= 1. Written in place when k, v are given.
+            q's dtype, or torch.float8_e4m3fn (then q is bf16/fp16; see k_descale).
         k, v: (batch, seqlen_new, nheads_k, headdim) or None: new tokens, stored at cache rows
-            cache_seqlens[b] … cache_seqlens[b] + seqlen_new − 1 before the attention.
+            cache_seqlens[b] … cache_seqlens[b] + seqlen_new − 1 before the attention (q's dtype; quantized
+            for an FP8 cache: k / k_descale clamped to ±448, rounded to e4m3, after the rotary).
         rotary_cos, rotary_sin: (positions, rotary_dim / 2) or None: rotary tables; when given (with k, v),
             the new k is rotated at its cache row index and q at cache_seqlens[b] + i when causal or local
             (window_size != (-1, -1)), else at cache_seqlens[b] for every query (flash_attn's rule).
@@ -70,12 +81,17 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         num_sink_tokens: the first keys of each sequence stay visible whatever the window (StreamingLLM).
         validate: check cache_seqlens, cache_batch_idx, cache_leftpad and block_table against the cache
             (one device-to-host read); pass False in a tight decode loop whose inputs are known good.
+        k_descale, v_descale: float8_e4m3fn caches only: float32 tensors of shape (batch, nheads_k) (per
+            sequence b of this call and kv head) or of one element (per tensor); None = 1. The cache stands
+            for k_cache · k_descale: the factors are fixed for a sequence's life (its rows are stored with
+            them), chosen by the caller (e.g. fp8.quantize of the prefill's k, v, or a calibration); new
+            values beyond 448 · descale saturate.
 
     Returns: out (batch, seqlen_q, nheads, headdim) [, lse]. On an invalid argument nothing is written.
     """
     p = _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                  block_table, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, num_sink_tokens,
-                 validate, rotary_interleaved)
+                 validate, rotary_interleaved, k_descale, v_descale)
     with torch.no_grad():
         q, k, v = _rotated(p, q, k, v)
         if k is not None:
@@ -105,17 +121,29 @@ def _int_tensor(name: str, x, batch: int, device, allow_int: bool = False) -> Te
 
 def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
              block_table, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, num_sink,
-             validate, rotary_interleaved) -> _Plan:
-    _check_tensor("q", q, "(batch, seqlen_q, nheads, headdim)")
-    _check_tensor("k_cache", k_cache, CACHE_LAYOUT)
-    _check_tensor("v_cache", v_cache, CACHE_LAYOUT)
+             validate, rotary_interleaved, k_descale, v_descale) -> _Plan:
+    _check_tensor("q", q, "(batch, seqlen_q, nheads, headdim)", allow_fp8=True)
+    _check_tensor("k_cache", k_cache, CACHE_LAYOUT, allow_fp8=True)
+    _check_tensor("v_cache", v_cache, CACHE_LAYOUT, allow_fp8=True)
     b, sq, h, d = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
     pages, page_size, hk, dk = k_cache.shape
+    kv_fp8 = k_cache.dtype == FP8_DTYPE
+    if kv_fp8 != (v_cache.dtype == FP8_DTYPE):
+        raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}: an FP8 cache has both in "
+                        f"float8_e4m3fn (with k_descale, v_descale), any other both in q's dtype ({q.dtype})")
+    if q.dtype == FP8_DTYPE:
+        raise TypeError("q is float8_e4m3fn: flash_attn_with_kvcache takes bfloat16 or float16 q (the cache may be "
+                        "float8_e4m3fn, with k_descale and v_descale); pass q in bfloat16 "
+                        "(flashattn.fp8.dequantize(q, q_descale).to(torch.bfloat16))")
+    if kv_fp8 and q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q has dtype {q.dtype} but the cache is float8_e4m3fn: an FP8 cache is read with bfloat16 or "
+                        "float16 q (the new k, v and the output have q's dtype); convert q (and k, v) with "
+                        ".to(torch.bfloat16)")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != q.dtype:
+        if x.dtype != q.dtype and not kv_fp8:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; the cache and q must share one dtype")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; move one of them")
@@ -128,6 +156,16 @@ def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     if not (MIN_HEADDIM <= d <= MAX_HEADDIM):
         raise ValueError(f"headdim must be between {MIN_HEADDIM} and {MAX_HEADDIM}, got {d}")
     scale = _check_options(b, h, d, q.device, 0.0, softmax_scale, window_size, softcap, alibi_slopes)
+    descales = (None, None)
+    if kv_fp8:
+        descales = tuple(_check_descale(n, x, b, hk, q.device) for n, x in (("k_descale", k_descale),
+                                                                            ("v_descale", v_descale)))
+    else:
+        for name, x in (("k_descale", k_descale), ("v_descale", v_descale)):
+            if x is not None:
+                raise ValueError(f"{name} is given but the cache is {k_cache.dtype}: descale factors apply to a "
+                                 f"float8_e4m3fn cache only; drop {name}, or allocate the cache as torch.float8_e4m3fn")
+    backend = _backend(q, kv_fp8)
     if not isinstance(num_sink, numbers.Integral) or isinstance(num_sink, bool) or num_sink < 0:
         raise ValueError(f"num_sink_tokens must be an int >= 0, got {num_sink!r}")
     if not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool) or num_splits < 0:
@@ -192,7 +230,21 @@ def _prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     return _Plan(paged=paged, table=table, page_size=page_size, seqlens=seqlens, leftpad=leftpad, s_new=s_new,
                  scale=scale, left=left, right=right, softcap=float(softcap), alibi=alibi_slopes, num_sink=int(num_sink),
                  num_splits=int(num_splits), cos=rotary_cos, sin=rotary_sin, interleaved=rotary_interleaved,
-                 local=local, max_seqlen_k=max_seqlen_k)
+                 local=local, max_seqlen_k=max_seqlen_k, backend=backend, k_descale=descales[0],
+                 v_descale=descales[1])
+
+
+def _backend(q: Tensor, kv_fp8: bool) -> str:
+    """choose_backend(q), except that the Triton kernel reads an FP8 cache only on sm_89+ (Triton has no
+    float8 e4m3 before Ada): on older GPUs the PyTorch path dequantizes it."""
+    backend = choose_backend(q)
+    if backend == "triton" and kv_fp8 and q.is_cuda and not _fp8_capable(q.device):
+        if os.environ.get("FLASHATTN_BACKEND", "").strip():
+            raise ValueError("FLASHATTN_BACKEND=triton with a float8_e4m3fn KV cache needs sm_89 or newer (Ada, "
+                             "Hopper); use FLASHATTN_BACKEND=torch (the PyTorch path dequantizes the cache) or a "
+                             "bfloat16 cache")
+        return "torch"
+    return backend
 
 
 def _validate(seqlens, leftpad, table, s_new, capacity, page_size, pages, paged, rotary_cos, sq, local,
@@ -249,10 +301,13 @@ def _table(p: _Plan, b: int, device) -> Tensor:
 
 
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, p: _Plan) -> None:
-    """Write new token t of sequence b at cache row seqlens[b] + t (in its page)."""
-    if choose_backend(k) == "triton":
+    """Write new token t of sequence b at cache row seqlens[b] + t (in its page); quantized for an FP8 cache."""
+    if p.backend == "triton":
         from .backends.triton.decode import append_kv
-        return append_kv(k_cache, v_cache, k, v, p.table, p.seqlens)
+        return append_kv(k_cache, v_cache, k, v, p.table, p.seqlens, p.k_descale, p.v_descale)
+    if p.k_descale is not None:
+        k = fp8.quantize_with(k, p.k_descale[:, None, :, None])
+        v = fp8.quantize_with(v, p.v_descale[:, None, :, None])
     b, s_new = k.shape[:2]
     rows = p.seqlens.long()[:, None] + torch.arange(s_new, device=k.device)[None, :]        # (b, s_new)
     page = torch.gather(_table(p, b, k.device).long().expand(b, -1), 1, rows // p.page_size)
@@ -262,10 +317,11 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, p: _Plan) ->
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, p: _Plan) -> Tuple[Tensor, Tensor]:
-    if choose_backend(q) == "triton":
+    if p.backend == "triton":
         from .backends.triton.decode import forward_kvcache
         return forward_kvcache(q, k_cache, v_cache, p.table, p.seqlens, p.leftpad, p.s_new, p.max_seqlen_k, p.scale,
-                               p.left, p.right, p.softcap, p.alibi, p.num_sink, p.num_splits)
+                               p.left, p.right, p.softcap, p.alibi, p.num_sink, p.num_splits, p.k_descale,
+                               p.v_descale)
     return _attend_gathered(q, k_cache, v_cache, p)
 
 
@@ -284,16 +340,23 @@ def gather_pages(k_cache: Tensor, v_cache: Tensor, table: Tensor, start: Tensor,
 
 
 def _attend_gathered(q, k_cache, v_cache, p: _Plan) -> Tuple[Tensor, Tensor]:
-    """The portable path: gather each sequence's keys into a packed batch, run the varlen forward."""
+    """The portable path: gather each sequence's keys into a packed batch, run the varlen forward. An FP8
+    cache is dequantized (x8 · descale of the key's sequence and head) and attended in float32."""
     b, sq, h, d = q.shape
     leftpad = p.leftpad if p.leftpad is not None else torch.zeros_like(p.seqlens)
     k_len = p.seqlens + p.s_new - leftpad
     lens = k_len.tolist()
     k, v, cu_k = gather_pages(k_cache, v_cache, _table(p, b, q.device), leftpad, k_len)   # (total_k, hk, d)
+    out_dtype = q.dtype
+    if p.k_descale is not None:
+        rows = k_len.long()                                                                # descales per key row
+        k = k.float() * torch.repeat_interleave(p.k_descale, rows, dim=0, output_size=k.shape[0])[:, :, None]
+        v = v.float() * torch.repeat_interleave(p.v_descale, rows, dim=0, output_size=v.shape[0])[:, :, None]
+        q = q.float()
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
     out, lse = ops.fwd(q.reshape(b * sq, h, d), k, v, p.scale, p.left, p.right, p.softcap, p.alibi, cu_q, cu_k, sq,
                        max(lens, default=0), p.num_sink, 0.0, None, None, None, None, None, choose_backend(q))
-    return out.view(b, sq, h, d), lse.view(h, b, sq).transpose(0, 1)
+    return out.view(b, sq, h, d).to(out_dtype), lse.view(h, b, sq).transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Methods:
   fp8 head          per-(batch, kv head) descales
   fp8 head + rot    per-head, q and k rotated by a random-sign Hadamard matrix first (QKᵀ unchanged)
 error = ‖out − ref‖ / ‖ref‖ over the whole tensor, ref the float64 attention of the float32 inputs.
+Decoding over a KV cache (normal data, `--kv-batch` sequences): the last query of each sequence attends
+to all its keys, the first seqlen − 1 prefilled into the cache and the last appended by the call, with a
+bf16 cache and with float8_e4m3fn caches whose descales (per tensor, per sequence and head) come from
+fp8.quantize of the prefill; q and the new k, v bf16 (fp16 under the interpreter).
 
 Where the numbers come from: on a GPU (`--device cuda`) the Triton kernels (FP8: q·kᵀ and P·V on e4m3
 tensor cores, P quantized to e4m3). On the CPU two backends: `torch`, the PyTorch path, which computes
@@ -128,6 +132,36 @@ def backward_errors(q, k, v, causal: bool, setup: Setup, seed: int = 0) -> Dict[
     return res
 
 
+KV_CACHES = ("bf16", "fp8 tensor", "fp8 head")
+
+
+def kvcache_errors(q, k, v, setup: Setup) -> Dict[str, float]:
+    """{cache: relative RMS error vs float64} of one decoding step of q[:, -1:] over k, v (b, s, h, d),
+    keys 0 … s − 2 prefilled into the cache (bf16, or float8_e4m3fn with descales from fp8.quantize of
+    them), key s − 1 appended by flash_attn_with_kvcache (quantized into an FP8 cache)."""
+    from flashattn import attention_ref, flash_attn_with_kvcache, fp8
+
+    b, s, h, d = k.shape
+    q, k, v = (x.to(setup.device) for x in (q[:, -1:], k, v))
+    ref = attention_ref(q.double(), k.double(), v.double())[0]
+    errors = {}
+    for cache in KV_CACHES:
+        if cache == "bf16":
+            dtype, backend, descales = torch.bfloat16, setup.bf16_backend, {}
+            prefill = (k[:, :-1].to(dtype), v[:, :-1].to(dtype))
+        else:
+            dtype, backend = setup.fp8_out_dtype, setup.fp8_backend   # q's dtype: bf16 (fp16 under the interpreter)
+            (k8, kd), (v8, vd) = (fp8.quantize(x[:, :-1], cache.split()[1]) for x in (k, v))
+            prefill, descales = (k8, v8), {"k_descale": kd, "v_descale": vd}
+        k_cache, v_cache = (torch.zeros(b, s, h, d, dtype=x.dtype, device=setup.device) for x in prefill)
+        k_cache[:, :-1], v_cache[:, :-1] = prefill
+        with _backend(backend):
+            out = flash_attn_with_kvcache(q.to(dtype), k_cache, v_cache, k[:, -1:].to(dtype), v[:, -1:].to(dtype),
+                                          cache_seqlens=s - 1, causal=True, **descales)
+        errors[cache] = _rel_rms(out, ref)
+    return errors
+
+
 def _table(title: str, rows: Dict[str, Dict[str, float]], cols: Sequence[str]) -> List[str]:
     width = max(len(r) for r in rows) + 2
     lines = [title, "".ljust(width) + "".join(c.rjust(18) for c in cols)]
@@ -155,8 +189,15 @@ def run_one(label: str, setup: Setup, shape, causal: bool, args) -> dict:
         bwd = backward_errors(q, k, v, causal, setup, args.seed)
         print("\n".join(_table(f"{label}: backward on normal data, relative RMS error vs float64 autograd "
                                "(last row: fp8 against bf16)", bwd, ("dq", "dk", "dv"))))
+    kv = None
+    if not args.no_kvcache:
+        q, k, v = make_data("normal", args.kv_batch, s, h, d, args.seed)
+        kv = kvcache_errors(q, k, v, setup)
+        rows = {"error": kv, "/ bf16 cache": {c: kv[c] / kv["bf16"] for c in KV_CACHES}}
+        print("\n".join(_table(f"{label}: decoding over a KV cache (normal data, {args.kv_batch} sequences of {s} "
+                               "keys; only the cache in FP8, P unquantized), relative RMS error vs float64", rows, KV_CACHES)))
     return {"label": label, "setup": {**setup._asdict(), "fp8_out_dtype": str(setup.fp8_out_dtype)},
-            "shape": list(shape), "causal": causal, "forward": fwd, "backward": bwd}
+            "shape": list(shape), "causal": causal, "forward": fwd, "backward": bwd, "kvcache": kv}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-channels", type=int, default=4)
     p.add_argument("--outlier-scale", type=float, default=20.0)
     p.add_argument("--no-backward", action="store_true", help="skip the backward section")
+    p.add_argument("--no-kvcache", action="store_true", help="skip the KV-cache decoding section")
+    p.add_argument("--kv-batch", type=int, default=8, help="sequences of the KV-cache decoding section")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     return p

@@ -22,6 +22,11 @@ three kernels, which matters when the step itself takes microseconds.
 The visibility rule and the score modifiers are those of the main forward kernel (`_visible`,
 `_scores` in kernels.py, i.e. flashattn.masks); every tile is masked, which costs nothing that
 matters in a loop bound by reading K/V.
+
+FP8 caches (constexpr KV_FP8; the bf16/fp16 code is unchanged when it is off): K, V hold float8 e4m3
+standing for K · k_descale, V · v_descale, one factor per (sequence, kv head): a program's. Tiles are
+loaded as e4m3 (half the bytes) and upcast exactly to q's dtype, k_descale joins the score scale and
+v_descale multiplies the output; `_append_kv` quantizes the new tokens (fp8.quantize_with).
 """
 import functools
 import sys
@@ -31,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _autotune_enabled, _interpreting, tuning
-from .kernels import _scores, _visible
+from .kernels import _scores, _to_e4m3, _visible
 
 
 @triton.jit
@@ -55,12 +60,26 @@ def _seq_keys(SeqLens, LeftPad, off_b, s_new, HAS_LEFTPAD: tl.constexpr):
 
 
 @triton.jit
-def _append_kv(Knew, Vnew, K, V, BlockTable, SeqLens,
+def _quantize(x, Descale, off_b, offs_h, h_ok, stride_db, stride_dh, ROUND: tl.constexpr):
+    """fp8.quantize_with for rows offs_h (kv heads) of sequence off_b: x / descale[b, h] in fp32 (div_rn:
+    correctly rounded, as torch divides), clamped to ±448, rounded to e4m3."""
+    ds = tl.load(Descale + off_b * stride_db + offs_h * stride_dh, mask=h_ok, other=1.0)
+    x = tl.math.div_rn(x.to(tl.float32), ds[:, None])
+    return _to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0), ROUND)
+
+
+@triton.jit
+def _append_kv(Knew, Vnew, K, V, BlockTable, SeqLens, KDescale, VDescale,
                stride_nb, stride_nm, stride_nh, stride_vnb, stride_vnm, stride_vnh,
                stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh, stride_tb,
+               stride_kdb, stride_kdh, stride_vdb, stride_vdh,
                s_new, nheads_k, page_size,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_IS_BATCH: tl.constexpr):
-    """Grid (batch · s_new,): new token t of sequence b goes to cache row seqlens[b] + t (all heads)."""
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_IS_BATCH: tl.constexpr,
+               KV_FP8: tl.constexpr, ROUND: tl.constexpr):
+    """Grid (batch · s_new,): new token t of sequence b goes to cache row seqlens[b] + t (all heads).
+
+    KV_FP8: K, V are float8 e4m3 caches; the new tokens are quantized with KDescale, VDescale (b, hk) float32
+    (through their strides). ROUND (under the interpreter only): see kernels._to_e4m3."""
     off_b = (tl.program_id(0) // s_new).to(tl.int64)
     t = tl.program_id(0) % s_new
     offs_h = tl.arange(0, BLOCK_H)
@@ -70,30 +89,36 @@ def _append_kv(Knew, Vnew, K, V, BlockTable, SeqLens,
     page, prow = _page_of(BlockTable, off_b, stride_tb, row, True, page_size, PAGE_IS_BATCH)
     k = tl.load(Knew + off_b * stride_nb + t * stride_nm + offs_h[:, None] * stride_nh + offs_d[None, :], mask=ok)
     v = tl.load(Vnew + off_b * stride_vnb + t * stride_vnm + offs_h[:, None] * stride_vnh + offs_d[None, :], mask=ok)
+    if KV_FP8:
+        k = _quantize(k, KDescale, off_b, offs_h, offs_h < nheads_k, stride_kdb, stride_kdh, ROUND)
+        v = _quantize(v, VDescale, off_b, offs_h, offs_h < nheads_k, stride_vdb, stride_vdh, ROUND)
     tl.store(K + page * stride_kp + prow * stride_kr + offs_h[:, None] * stride_kh + offs_d[None, :], k, mask=ok)
     tl.store(V + page * stride_vp + prow * stride_vr + offs_h[:, None] * stride_vh + offs_d[None, :], v, mask=ok)
 
 
 @triton.jit
-def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
+def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi, KDescale, VDescale,
                       stride_qb, stride_qm, stride_qh,
                       stride_kp, stride_kr, stride_kh,
                       stride_vp, stride_vr, stride_vh,
                       stride_os, stride_ob, stride_om, stride_oh,
                       stride_ls, stride_lb, stride_lm, stride_lh,
-                      stride_tb, stride_ab,
+                      stride_tb, stride_ab, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
                       nheads_k, seqlen_q, s_new, page_size, left, right, num_sink, sm_scale, softcap, num_splits,
                       ctx_bucket, page_bucket,   # unused in the body: autotuning keys
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                       HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                      PAGE_IS_BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PAGE_IS_BATCH: tl.constexpr, KV_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """Grid (cdiv(seqlen_q · GROUP, BLOCK_M), batch · nheads_k, num_splits).
 
     Q (b, sq, h, d); K, V (pages, page_size, hk, d); Out (splits, b, sq, h, d) and Lse (splits, b, sq, h)
     through their strides (with one split these are the final out and lse); BlockTable (b, pages per
     sequence) int32; SeqLens, LeftPad (b,) int32: sequence b's keys are cache rows
     LeftPad[b] … SeqLens[b] + s_new − 1 (s_new tokens were just appended).
+    KV_FP8: K, V are float8 e4m3 standing for K · KDescale[b, hk], V · VDescale[b, hk] ((b, hk) float32
+    through their strides; unused otherwise).
     """
     pid_m = tl.program_id(0)
     off_b = (tl.program_id(1) // nheads_k).to(tl.int64)
@@ -113,6 +138,9 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h, mask=rows_ok, other=0.0)
+    if KV_FP8:   # one (sequence, kv head) per program: k's descale joins the score scale, v's scales the output
+        sm_scale = sm_scale * tl.load(KDescale + off_b * stride_kdb + off_hk * stride_kdh)
+        v_descale = tl.load(VDescale + off_b * stride_vdb + off_hk * stride_vdh)
 
     # -- the keys some row of this block may see (masks.key_range), then this split's share of them
     off = seqlen_k - seqlen_q
@@ -145,6 +173,8 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
                 page, prow = _page_of(BlockTable, off_b, stride_tb, k0 + cols, k_ok, page_size, PAGE_IS_BATCH)
                 kT = tl.load(K + page[None, :] * stride_kp + prow[None, :] * stride_kr + off_hk * stride_kh
                              + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+                if KV_FP8:   # e4m3 -> q's dtype is exact; the descale is in sm_scale
+                    kT = kT.to(q.dtype)
                 qk = tl.dot(q, kT)
                 s, _ = _scores(qk, q_idx[:, None], cols[None, :], seqlen_q, seqlen_k, sm_scale, softcap,
                                slope[:, None], SOFTCAP, HAS_ALIBI)
@@ -159,12 +189,16 @@ def _attn_fwd_kvcache(Q, K, V, Out, Lse, BlockTable, SeqLens, LeftPad, Alibi,
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(V + page[:, None] * stride_vp + prow[:, None] * stride_vr + off_hk * stride_vh
                             + offs_d[None, :], mask=d_ok[None, :] & k_ok[:, None], other=0.0)
+                if KV_FP8:
+                    v = v.to(q.dtype)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 m_i = m_new
 
     # -- finish: out = acc / l, lse = m + log l (natural log); a split or row that saw no key: 0 and -inf
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_descale
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_ptrs = (Out + split.to(tl.int64) * stride_os + off_b * stride_ob + q_idx[:, None].to(tl.int64) * stride_om
               + off_h[:, None] * stride_oh + offs_d[None, :])
@@ -247,7 +281,7 @@ def _keep(configs, named_args, **kwargs):
 
 
 _KEY = ["ctx_bucket", "page_bucket", "GROUP", "HEAD_DIM", "BLOCK_M", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
-        "PAGE_IS_BATCH"]
+        "PAGE_IS_BATCH", "KV_FP8"]
 # benchmarks only; flashattn's tuning module keeps the results on disk (see tuning.py)
 _tuned = triton.autotune(DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _keep})(_attn_fwd_kvcache)
 
@@ -258,16 +292,30 @@ def _default_cfg(headdim: int) -> dict:
     return dict(BLOCK_N=64 if headdim <= 128 else 32, num_warps=4, num_stages=3)
 
 
+def _descales(k_cache, k_descale, v_descale, placeholder):
+    """(KDescale, VDescale, their 4 strides) kernel arguments: for a float8 cache the (b, hk) float32 views
+    (a per-tensor factor expanded: strides 0); otherwise a pointer that is never read."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return placeholder, placeholder, 0, 0, 0, 0
+    if k_descale is None or v_descale is None:
+        raise ValueError("a float8_e4m3fn cache needs k_descale and v_descale, (batch, nheads_k) float32 views")
+    return k_descale, v_descale, *k_descale.stride(), *v_descale.stride()
+
+
 @tuning.serialized_under_interpreter
-def append_kv(k_cache, v_cache, k, v, block_table, cache_seqlens) -> None:
-    """Write k, v (b, s_new, hk, d) into the caches at rows cache_seqlens[b] + t (block_table None: page b)."""
+def append_kv(k_cache, v_cache, k, v, block_table, cache_seqlens, k_descale=None, v_descale=None) -> None:
+    """Write k, v (b, s_new, hk, d) into the caches at rows cache_seqlens[b] + t (block_table None: page b).
+    Float8 e4m3 caches: k, v are quantized with k_descale, v_descale ((b, hk) float32, any strides) on the way
+    (fp8.quantize_with)."""
     b, s_new, hk, d = k.shape
     table = block_table if block_table is not None else cache_seqlens
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    ds = _descales(k_cache, k_descale, v_descale, cache_seqlens)
     _append_kv[(b * s_new,)](
-        k, v, k_cache, v_cache, table, cache_seqlens, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
-        *v_cache.stride()[:3], table.stride(0), s_new, hk, k_cache.shape[1],
+        k, v, k_cache, v_cache, table, cache_seqlens, *ds[:2], *k.stride()[:3], *v.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0), *ds[2:], s_new, hk, k_cache.shape[1],
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_H=triton.next_power_of_2(hk),
-        PAGE_IS_BATCH=block_table is None)
+        PAGE_IS_BATCH=block_table is None, KV_FP8=kv_fp8, ROUND=kv_fp8 and _interpreting())
 
 
 @tuning.serialized_under_interpreter
@@ -289,13 +337,15 @@ def combine(out_partial, lse_partial, out_dtype):
 @tuning.serialized_under_interpreter
 def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_new: int, max_seqlen_k: int,
                     softmax_scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                    alibi_slopes=None, num_sink: int = 0, num_splits: int = 0):
+                    alibi_slopes=None, num_sink: int = 0, num_splits: int = 0, k_descale=None, v_descale=None):
     """Attention of q (b, sq, h, d) over caches k_cache, v_cache (pages, page_size, hk, d).
 
     block_table (b, pages per sequence) int32, or None for a contiguous cache whose page b is sequence b;
     cache_seqlens (b,) int32 (rows in use before the s_new appended ones), leftpad (b,) int32 or None:
     sequence b's keys are its rows leftpad[b] … cache_seqlens[b] + s_new − 1 (causal-aligned bottom-right).
     max_seqlen_k bounds the number of keys (for choosing num_splits and the tuning bucket).
+    Float8 e4m3 caches (q bf16/fp16) stand for k_cache · k_descale, v_cache · v_descale: (b, hk) float32,
+    any strides (a per-tensor factor expanded).
     Returns out like q and lse (b, h, sq) float32.
     """
     b, sq, h, d = q.shape
@@ -317,18 +367,20 @@ def forward_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, leftpad, s_
     alibi = alibi_slopes.contiguous() if alibi_slopes is not None else q
     stride_ab = alibi.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     table = block_table if block_table is not None else cache_seqlens
+    ds = _descales(k_cache, k_descale, v_descale, cache_seqlens)
     args = (q, k_cache, v_cache, out, lse, table, cache_seqlens, leftpad if leftpad is not None else cache_seqlens,
-            alibi, q.stride(0), q.stride(1), q.stride(2),
+            alibi, *ds[:2], q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            *o_strides, *l_strides, table.stride(0), stride_ab,
+            *o_strides, *l_strides, table.stride(0), stride_ab, *ds[2:],
             hk, sq, s_new, k_cache.shape[1], max(window_left, 0), max(window_right, 0), num_sink,
             float(softmax_scale), float(softcap) if softcap else 1.0, num_splits,
             triton.next_power_of_2(max(1, max_seqlen_k // num_splits)), min(256, triton.next_power_of_2(k_cache.shape[1])))
     meta = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap != 0.0,
                 HAS_ALIBI=alibi_slopes is not None, HAS_SINK=num_sink > 0 and window_left >= 0,
-                HAS_LEFTPAD=leftpad is not None, PAGE_IS_BATCH=block_table is None, BLOCK_M=block_m)
+                HAS_LEFTPAD=leftpad is not None, PAGE_IS_BATCH=block_table is None,
+                KV_FP8=k_cache.dtype == torch.float8_e4m3fn, BLOCK_M=block_m)
     grid = (row_blocks, b * hk, num_splits)
     if not _autotune_enabled():
         _attn_fwd_kvcache[grid](*args, **meta, **_default_cfg(d))

@@ -99,18 +99,22 @@ def _tanh(x):
 
 
 @triton.jit
-def _to_e4m3(x, ROUND_P: tl.constexpr):
-    """x >= 0 (finite, <= 448) as float8 e4m3, rounded to nearest even.
+def _to_e4m3(x, ROUND: tl.constexpr):
+    """x (fp32, finite, |x| <= 448) as float8 e4m3, rounded to nearest even.
 
-    ROUND_P (set under Triton's interpreter only): round on the e4m3 grid in fp32 first, so that the
+    ROUND (set under Triton's interpreter only): round on the e4m3 grid in fp32 first, so that the
     cast is exact. triton 3.6's interpreter rounds by adding one to the 3-bit mantissa without carrying
-    into the exponent, which halves values whose rounding carries (e.g. 125.1 becomes 64, not 128);
-    the GPU's cvt.rn.satfinite needs no help. (x + c) - c with c = 1.5 · 2^(e + 20) rounds x to a
-    multiple of 2^(e - 3), e = max(exponent of x, -6) (the spacing of e4m3 numbers near x)."""
-    if ROUND_P:
-        e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    into the exponent, which halves values whose rounding carries (e.g. 125.1 becomes 64, not 128), and
+    it drops the sign of -0; the GPU's cvt.rn.satfinite needs no help. (a + c) - c with
+    c = 1.5 · 2^(e + 20) rounds a = |x| to a multiple of 2^(e - 3), e = max(exponent of a, -6) (the
+    spacing of e4m3 numbers near a); x's sign bit is then set on the e4m3 bits."""
+    if ROUND:
+        a = tl.abs(x)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         c = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-        x = (x + c) - c
+        bits = ((a + c) - c).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        sign = ((x.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+        return (bits | sign).to(tl.float8e4nv, bitcast=True)
     return x.to(tl.float8e4nv)
 
 
