@@ -11,7 +11,8 @@ Examples per run ('ci' profile; HYPOTHESIS_PROFILE=slow multiplies the CPU count
       + every mask diagonal on every tile edge  120 calls (test_mask_edges_triton_interpreter, not random)
     Triton on the GPU, -m "gpu and not slow"    300      bf16, fp16              seqlens 0..300 (1 in 8 up to 2000),
     Triton on the GPU, -m "gpu and slow"      10000      bf16, fp16              hdim 8..256, tile configs drawn
-                                                          (FLASHATTN_FUZZ_EXAMPLES=n changes the 10000)
+                                                          (FLASHATTN_FUZZ_EXAMPLES=n changes the 10000,
+                                                          FLASHATTN_FUZZ_GPU_EXAMPLES=n the 300)
 
 Seqlens favour tile boundaries (ragged tails) and, half the time, put the causal diagonal within 2 keys of
 a multiple of 16. The CPU tests are derandomized in the 'ci' profile (the same examples on every run: a CI
@@ -343,7 +344,7 @@ def test_mask_edges_triton_interpreter(mask, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")), deadline=None)
 @given(problems(GPU_SPACE))
 def test_fuzz_triton_gpu(p):
     check_problem(p, "cuda")

@@ -194,7 +194,7 @@ def test_gpu_int64_offsets_varlen(triton_backend):
     """A packed batch of 5·2¹⁶ tokens × 64 heads × 128 (2.7e9 elements): the rows of the last sequence start
     past 2³¹ elements. Causal with window (63, 0); the last sequence's tail against the reference."""
     total, h, d = 5 << 16, 64, 128
-    lens = [100_000, 1, 100_000, total - 200_001]
+    lens = [131_072, 1, 131_072, total - 262_145]   # the last starts at row 262145: 262145·64·128 > 2³¹
     assert (total - lens[-1]) * h * d > 2**31
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
