@@ -269,6 +269,21 @@ def _query_block(offs_m, seed, bh, Glob, start_m, seqlen_q, seqlen_k, left, righ
 
 
 @triton.jit
+def _listed_tile(SpList, SpPid, it, pid_stride, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                 BLOCK_SPARSE: tl.constexpr):
+    """Tile `it` of a walk over a block mask's list (BlockMask.kernel_lists): the list names mask blocks of
+    SUB · BLOCK rows (dK/dV: query rows) or keys (forward, dQ), each walked in SUB tiles of BLOCK.
+    Returns (the tile's first row or key, its block's element-mask tile id SpPid[block · pid_stride] or -1
+    when BLOCK_SPARSE == 2 (whole tiles), the tile's offset within its block)."""
+    block = tl.load(SpList + it // SUB)
+    tile_pid = -1
+    if BLOCK_SPARSE == 1:
+        tile_pid = tl.load(SpPid + block * pid_stride)
+    sub = (it % SUB) * BLOCK
+    return block * (BLOCK * SUB) + sub, tile_pid, sub
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                     slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
@@ -300,10 +315,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
     for start_n in range(start, end, BLOCK_N):
         tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
-            kb = tl.load(SpList + start_n // BLOCK_N)
-            if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
-                tile_pid = tl.load(SpPid + kb)
-            start_n = kb * BLOCK_N
+            start_n, tile_pid, _ = _listed_tile(SpList, SpPid, start_n // BLOCK_N, 1, BLOCK_N, 1, BLOCK_SPARSE)
             k_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * (
                 stride_vd if FP8 else 1)
@@ -495,13 +507,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
     do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
-        if BLOCK_SPARSE:
-            it = start_m // BLOCK_M
-            qb = tl.load(SpList + it // SUB_M)
-            sub_m = (it % SUB_M) * BLOCK_M   # this tile's first row within the mask's block
-            if BLOCK_SPARSE == 1:
-                tile_pid = tl.load(SpPid + qb * pid_stride)
-            start_m = qb * (BLOCK_M * SUB_M) + sub_m
+        if BLOCK_SPARSE:   # sub_m: this tile's first row within the mask's block
+            start_m, tile_pid, sub_m = _listed_tile(SpList, SpPid, start_m // BLOCK_M, pid_stride, BLOCK_M, SUB_M,
+                                                    BLOCK_SPARSE)
             qT_ptrs = Q + start_m.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
             do_ptrs = DO + start_m.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -665,10 +673,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
     for start_n in range(start, end, BLOCK_N):
         tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
-            kb = tl.load(SpList + start_n // BLOCK_N)
-            if BLOCK_SPARSE == 1:   # 2: every listed tile is whole, no element mask to find
-                tile_pid = tl.load(SpPid + kb)
-            start_n = kb * BLOCK_N
+            start_n, tile_pid, _ = _listed_tile(SpList, SpPid, start_n // BLOCK_N, 1, BLOCK_N, 1, BLOCK_SPARSE)
             kT_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             vT_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
         start_n = tl.multiple_of(start_n, BLOCK_N)
