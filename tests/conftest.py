@@ -11,6 +11,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -31,3 +32,13 @@ settings.register_profile("ci", max_examples=100, deadline=None, print_blob=True
 settings.register_profile("slow", max_examples=1000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend(name): route flashattn's calls to backend `name` ('torch', 'triton', 'reference') for
+    this test, with autotuning off (the interpreter and small GPU tests use the default tiles)."""
+    def use(name):
+        monkeypatch.setenv("FLASHATTN_BACKEND", name)
+        monkeypatch.setenv("FLASHATTN_AUTOTUNE", "0")
+    return use

@@ -57,14 +57,6 @@ def _dequantized(x: fp8.QuantizedQKV):
     return tuple(fp8.dequantize(t, ds).double() for t, ds in zip(x[:3], x[3:]))
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    def use(name):
-        monkeypatch.setenv("FLASHATTN_BACKEND", name)
-        monkeypatch.setenv("FLASHATTN_AUTOTUNE", "0")
-    return use
-
-
 # ------------------------------------------------------------------------------------------------
 # quantization and rotation
 
@@ -127,10 +119,10 @@ def test_hadamard_is_orthogonal_and_keeps_qk():
         fp8.hadamard_matrix(96)
 
 
-def test_rotation_lowers_error_with_outlier_channels(backend):
+def test_rotation_lowers_error_with_outlier_channels(use_backend):
     """Outlier channels in q and k (size 50, as in LLM activations) set the quantization step of every
     channel; rotated, they are spread and the FP8 error (of the definition, the PyTorch path) drops."""
-    backend("torch")
+    use_backend("torch")
     b, s, h, d = 1, 128, 2, 64
     q, k, v = _qkv(b, s, s, h, h, d, seed=20)
     q[..., :2] *= 50.0
@@ -167,9 +159,9 @@ def _check_definition(out, lse, ref, rlse, out_dtype, name):
 
 @pytest.mark.parametrize("granularity", ["tensor", "head"])
 @pytest.mark.parametrize("case", list(TORCH_CASES))
-def test_torch_path_is_attention_of_dequantized_inputs(case, granularity, backend):
+def test_torch_path_is_attention_of_dequantized_inputs(case, granularity, use_backend):
     b, sq, sk, h, hk, d, causal, window = TORCH_CASES[case]
-    backend("torch")
+    use_backend("torch")
     x = fp8.quantize_qkv(*_qkv(b, sq, sk, h, hk, d, seed=zlib.crc32(case.encode()) % 1000), granularity)
     out_dtype = torch.float16 if granularity == "head" else torch.bfloat16
     out, lse, _ = flash_attn_func(x.q, x.k, x.v, causal=causal, window_size=window, return_attn_probs=True,
@@ -178,8 +170,8 @@ def test_torch_path_is_attention_of_dequantized_inputs(case, granularity, backen
     _check_definition(out, lse, ref, rlse, out_dtype, case)
 
 
-def test_reference_backend_and_default_out_dtype(backend):
-    backend("reference")
+def test_reference_backend_and_default_out_dtype(use_backend):
+    use_backend("reference")
     x = fp8.quantize_qkv(*_qkv(1, 30, 30, 2, 1, 64, seed=3), "head")
     out = flash_attn_func(x.q, x.k, x.v, causal=True, **x.descales())
     assert out.dtype == torch.bfloat16   # the default out_dtype
@@ -187,8 +179,8 @@ def test_reference_backend_and_default_out_dtype(backend):
     assert ((out.double() - ref).abs() <= U_OUT[torch.bfloat16] * ref.abs() + 1e-6).all()
 
 
-def test_descale_none_means_one(backend):
-    backend("torch")
+def test_descale_none_means_one(use_backend):
+    use_backend("torch")
     q, k, v = (t.clamp(-400, 400).to(torch.float8_e4m3fn) for t in _qkv(1, 20, 20, 2, 2, 32, seed=4))
     ones = torch.ones(1)
     a = flash_attn_func(q, k, v, causal=True)
@@ -196,9 +188,9 @@ def test_descale_none_means_one(backend):
     assert torch.equal(a, b)
 
 
-def test_v_with_contiguous_keys_is_accepted(backend):
+def test_v_with_contiguous_keys_is_accepted(use_backend):
     """FP8 v may come with its seqlen axis contiguous (the layout the kernel reads); same result."""
-    backend("torch")
+    use_backend("torch")
     x = fp8.quantize_qkv(*_qkv(1, 33, 33, 2, 1, 64, seed=5), "head")
     vt = x.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     assert vt.stride(1) == 1 and torch.equal(vt.float(), x.v.float())
@@ -206,11 +198,11 @@ def test_v_with_contiguous_keys_is_accepted(backend):
     assert torch.equal(flash_attn_func(x.q, x.k, vt, causal=True, **x.descales()), a)
 
 
-def test_training_entry_point_is_straight_through(backend):
+def test_training_entry_point_is_straight_through(use_backend):
     """fp8.attention: gradients of the dequantized (rotated) inputs, mapped back through Rᵀ.
     Tolerance: out is bf16 and enters Δ = rowsum(dO ∘ O); dO is rounded to bf16 in both computations, so
     the gradients differ by a few bf16 roundings relative to their size: 4·2^-8·max|g|."""
-    backend("torch")
+    use_backend("torch")
     q, k, v = _qkv(2, 30, 30, 4, 2, 64, seed=6)
     w = _rand(2, 30, 4, 64, seed=9).to(torch.bfloat16)
     for rotate in (False, True):
@@ -245,9 +237,9 @@ def test_custom_op_opcheck_fp8():
     assert all(g.dtype == torch.float16 for g in torch.ops.flashattn.bwd(*bargs))
 
 
-def test_torch_compile_fullgraph_fp8(backend):
+def test_torch_compile_fullgraph_fp8(use_backend):
     """The custom op with its descale tensor traces without graph breaks (the PyTorch path here)."""
-    backend("torch")
+    use_backend("torch")
     try:
         probe = torch.compile(lambda t: torch.sin(t) * 2 + 1, fullgraph=True)
         assert torch.allclose(probe(torch.ones(4)), torch.sin(torch.ones(4)) * 2 + 1)
@@ -299,9 +291,9 @@ def _p_quantization_bound(x, ref, out_dtype, sk, tensor_cores=False, **opts):
 
 @interp
 @pytest.mark.parametrize("case", list(INTERP_CASES))
-def test_interpreter_fp8_forward(case, backend):
+def test_interpreter_fp8_forward(case, use_backend):
     b, sq, sk, h, hk, d, causal, window, softcap, alibi = INTERP_CASES[case]
-    backend("triton")
+    use_backend("triton")
     seed = zlib.crc32(case.encode()) % 1000
     x = fp8.quantize_qkv(*_qkv(b, sq, sk, h, hk, d, seed=seed), "head" if hk > 1 else "tensor")
     slopes = torch.rand(h, generator=torch.Generator().manual_seed(seed)) * 0.3 if alibi else None
@@ -335,9 +327,9 @@ except ImportError:   # no triton: the interpreter tests skip
 
 
 @interp
-def test_interpreter_fp8_forward_sinks(backend):
+def test_interpreter_fp8_forward_sinks(use_backend):
     """Sliding window with attention sinks (the fourth loop phase) in the FP8 case."""
-    backend("triton")
+    use_backend("triton")
     x = fp8.quantize_qkv(*_qkv(1, 50, 50, 2, 1, 32, seed=17), "tensor")
     opts = dict(causal=True, window_size=(8, 0), num_sink_tokens=4)
     out = flash_attn_func(x.q, x.k, x.v, out_dtype=torch.float16, **opts, **x.descales())
@@ -358,11 +350,11 @@ def test_interpreter_p_cast_rounds_to_nearest_even():
 
 
 @interp
-def test_interpreter_fp8_small_probabilities_keep_precision(backend):
+def test_interpreter_fp8_small_probabilities_keep_precision(use_backend):
     """A row whose mass sits on many equal small probabilities (p = 0.0035 of the row max): as e4m3
     subnormals (spacing 2^-9) they would all round to 0.0039, +12% each, the same way; P is scaled by
     256 before its cast so that they are normal numbers (0.896 -> 0.875, -2.3%), within the bound."""
-    backend("triton")
+    use_backend("triton")
     b, sq, sk, h, d = 1, 16, 256, 1, 32
     g = torch.Generator().manual_seed(21)
     q = torch.zeros(b, sq, h, d)
@@ -382,10 +374,10 @@ def test_interpreter_fp8_small_probabilities_keep_precision(backend):
 
 
 @interp
-def test_interpreter_fp8_forward_v_keys_contiguous_and_gqa_descale(backend):
+def test_interpreter_fp8_forward_v_keys_contiguous_and_gqa_descale(use_backend):
     """v given with its keys contiguous (no copy in the launcher) gives the same bits; the kernel reads
     the descale of each (batch, kv head): different factors per head are honoured."""
-    backend("triton")
+    use_backend("triton")
     q, k, v = _qkv(2, 24, 24, 4, 2, 64, seed=11)
     k[:, :, 1] *= 30.0
     v[1] *= 0.01
@@ -401,11 +393,11 @@ def test_interpreter_fp8_forward_v_keys_contiguous_and_gqa_descale(backend):
 
 @interp
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_interpreter_fp8_backward(causal, backend):
+def test_interpreter_fp8_backward(causal, use_backend):
     """The FP8 backward kernels (experimental), given the exact out and lse, against the rule of
     design.md with the naive fp16 computation on the same values as baseline. The descales are powers
     of two, so that the dequantized inputs are exactly fp16 numbers and that baseline is well defined."""
-    backend("triton")
+    use_backend("triton")
     b, s, h, hk, d = 1, 40, 4, 2, 64
     x = fp8.quantize_qkv(*_qkv(b, s, s, h, hk, d, seed=12), "head")
     pow2 = [torch.exp2(torch.ceil(torch.log2(t))) for t in x[3:]]   # >= the descale: nothing exceeds 448
@@ -535,9 +527,9 @@ GPU_CASES += [(1, 4096, 4096, 4, 4, 128, True), (1, 113, 1025, 4, 1, 64, True), 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(
     *c[:6], "causal" if c[6] else "full"))
-def test_gpu_fp8_forward(case, out_dtype, backend):
+def test_gpu_fp8_forward(case, out_dtype, use_backend):
     b, sq, sk, h, hk, d, causal = case
-    backend("triton")
+    use_backend("triton")
     x = fp8.quantize_qkv(*_qkv(b, sq, sk, h, hk, d, seed=sq + d, device="cuda"), "head")
     assert choose_backend(x.q) == "triton"
     out, lse, _ = flash_attn_func(x.q, x.k, x.v, causal=causal, return_attn_probs=True, out_dtype=out_dtype,
@@ -552,8 +544,8 @@ def test_gpu_fp8_forward(case, out_dtype, backend):
 
 @gpu
 @needs_cuda
-def test_gpu_fp8_keys_contiguous_v_and_compile(backend):
-    backend("triton")
+def test_gpu_fp8_keys_contiguous_v_and_compile(use_backend):
+    use_backend("triton")
     x = fp8.quantize_qkv(*_qkv(2, 1000, 1000, 8, 2, 128, seed=1, device="cuda"), "head")
     out = flash_attn_func(x.q, x.k, x.v, causal=True, **x.descales())
     vt = x.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -566,9 +558,9 @@ def test_gpu_fp8_keys_contiguous_v_and_compile(backend):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gpu_fp8_backward(d, backend):
+def test_gpu_fp8_backward(d, use_backend):
     """As the interpreter test: exact out and lse, power-of-two descales, design.md's rule vs fp16."""
-    backend("triton")
+    use_backend("triton")
     b, s, h, hk = 2, 1000, 4, 2
     x = fp8.quantize_qkv(*_qkv(b, s, s, h, hk, d, seed=d, device="cuda"), "tensor")
     p2 = [torch.exp2(torch.ceil(torch.log2(t))) for t in x[3:]]

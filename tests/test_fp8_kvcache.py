@@ -30,14 +30,6 @@ CPU_BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="tr
 E4M3 = torch.float8_e4m3fn
 
 
-@pytest.fixture
-def use(monkeypatch):
-    def use(backend):
-        monkeypatch.setenv("FLASHATTN_BACKEND", backend)
-        monkeypatch.setenv("FLASHATTN_AUTOTUNE", "0")
-    return use
-
-
 def _descales(granularity, b, hk, g, device="cpu"):
     """k_descale, v_descale: one element (per tensor; shape (1,) for k, () for v) or (b, hk), float32."""
     shape = {"tensor": (1,), "head": (b, hk)}[granularity]
@@ -58,9 +50,9 @@ def _fp8_case(name, granularity, g):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("granularity", ["tensor", "head"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fp8_contiguous_cache(name, granularity, backend, use):
+def test_fp8_contiguous_cache(name, granularity, backend, use_backend):
     """Decoding, MQA, no append, chunked prefill, window, sinks, softcap + ALiBi, GQA (CASES)."""
-    use(backend)
+    use_backend(backend)
     g = torch.Generator().manual_seed(zlib.crc32(f"{name}-{granularity}".encode()))
     q, k_cache, v_cache, (k, v), seqlens, opts = _fp8_case(name, granularity, g)
     _check(q, k_cache, v_cache, k, v, seqlens=seqlens, name=f"fp8 {name} {granularity}", **opts)
@@ -68,8 +60,8 @@ def test_fp8_contiguous_cache(name, granularity, backend, use):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("page_size", [1, 3, 16])
-def test_fp8_paged_cache(page_size, backend, use):
-    use(backend)
+def test_fp8_paged_cache(page_size, backend, use_backend):
+    use_backend(backend)
     g = torch.Generator().manual_seed(page_size)
     b, sq, h, hk, d, max_len = 3, 4, 4, 2, 16, 37
     per_seq = math.ceil(max_len / page_size)
@@ -85,9 +77,9 @@ def test_fp8_paged_cache(page_size, backend, use):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fp8_rotary_batch_idx_and_leftpad(backend, use):
+def test_fp8_rotary_batch_idx_and_leftpad(backend, use_backend):
     """The new k is rotated, then quantized; descales index the sequence b of the call, not its cache row."""
-    use(backend)
+    use_backend(backend)
     g = torch.Generator().manual_seed(4)
     q = _rand(3, 2, 4, 32, dtype=torch.float16, g=g)
     k_cache, v_cache = (fp8.quantize_with(_rand(5, 30, 2, 32, dtype=torch.float32, g=g), 0.01) for _ in range(2))
@@ -100,9 +92,9 @@ def test_fp8_rotary_batch_idx_and_leftpad(backend, use):
 
 @interp
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_fp8_split_kv_triton(num_splits, use):
+def test_fp8_split_kv_triton(num_splits, use_backend):
     """Key splits merged by the combine kernel, each split's output scaled by v_descale; GQA group of 4."""
-    use("triton")
+    use_backend("triton")
     g = torch.Generator().manual_seed(3)
     q = _rand(2, 1, 4, 16, dtype=torch.float16, g=g)
     k_cache, v_cache = (fp8.quantize_with(_rand(2, 70, 1, 16, dtype=torch.float32, g=g), 0.01) for _ in range(2))
@@ -116,10 +108,10 @@ def test_fp8_split_kv_triton(num_splits, use):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_append_writes_the_quantized_bytes(backend, use):
+def test_append_writes_the_quantized_bytes(backend, use_backend):
     """The rows written are (k / descale).clamp(-448, 448).to(float8_e4m3fn), byte for byte: values beyond
     448 · descale saturate, ties round to even, -0 and tiny negatives keep their sign, subnormals."""
-    use(backend)
+    use_backend(backend)
     g = torch.Generator().manual_seed(9)
     b, hk, d, s_new = 2, 2, 16, 3
     kd = torch.tensor([[0.01, 0.5], [2.0 ** -7, 0.03]])
@@ -150,10 +142,10 @@ def test_append_writes_the_quantized_bytes(backend, use):
     assert (k_cache[untouched].float() == 0).all() and (v_cache[untouched].float() == 0).all()
 
 
-def test_torch_path_is_the_bf16_path_on_the_dequantized_cache(use):
+def test_torch_path_is_the_bf16_path_on_the_dequantized_cache(use_backend):
     """The PyTorch path with an FP8 cache equals the float32 path over the dequantized cache (same op), then
     rounded to q's dtype: it computes the definition."""
-    use("torch")
+    use_backend("torch")
     g = torch.Generator().manual_seed(12)
     q = _rand(2, 3, 4, 16, dtype=torch.bfloat16, g=g)
     k_cache, v_cache = (fp8.quantize_with(_rand(2, 20, 2, 16, dtype=torch.float32, g=g), 0.01) for _ in range(2))
@@ -168,8 +160,8 @@ def test_torch_path_is_the_bf16_path_on_the_dequantized_cache(use):
     assert torch.equal(lse, lse32)
 
 
-def test_descale_defaults_to_one(use):
-    use("torch")
+def test_descale_defaults_to_one(use_backend):
+    use_backend("torch")
     g = torch.Generator().manual_seed(13)
     q = _rand(1, 1, 2, 16, dtype=torch.float16, g=g)
     k_cache, v_cache = (fp8.quantize_with(_rand(1, 10, 2, 16, dtype=torch.float32, g=g), 0.1) for _ in range(2))
@@ -183,10 +175,10 @@ def test_descale_defaults_to_one(use):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_paged_kv_cache_in_fp8(backend, use):
+def test_paged_kv_cache_in_fp8(backend, use_backend):
     """PagedKVCache(dtype=float8_e4m3fn) is storage like any other; the caller passes the descales (here per
     tensor, one pair per layer). Prefill and two decode steps against attention over the dequantized history."""
-    use(backend)
+    use_backend(backend)
     g = torch.Generator().manual_seed(5)
     h, hk, d = 4, 2, 16
     cache = PagedKVCache(num_pages=12, page_size=3, nheads_k=hk, headdim=d, dtype=E4M3)
@@ -210,10 +202,10 @@ def test_paged_kv_cache_in_fp8(backend, use):
             check_close(f"step {n} seq {i}", out[i:i + 1].float(), ref, pt.float())
 
 
-def test_streaming_kv_cache_in_fp8(use):
+def test_streaming_kv_cache_in_fp8(use_backend):
     """StreamingKVCache(dtype=float8_e4m3fn): eviction moves the stored bytes; attend() passes the descales
     (per sequence and head) through; results equal sink + window attention over the dequantized history."""
-    use("torch")
+    use_backend("torch")
     g = torch.Generator().manual_seed(6)
     sink, window, max_new, h, hk, d = 2, 5, 2, 2, 1, 16
     cache = StreamingKVCache(batch=2, num_sink=sink, window=window, nheads_k=hk, headdim=d, max_new=max_new,
@@ -306,8 +298,8 @@ def test_dispatch_fp8_cache_needs_sm89_for_triton(monkeypatch):
 @pytest.mark.parametrize("page_size", [None, 1, 16, 256])
 @pytest.mark.parametrize("num_splits", [0, 1, 4])
 @pytest.mark.parametrize("granularity", ["tensor", "head"])
-def test_gpu_fp8_kvcache(dtype, page_size, num_splits, granularity, use):
-    use("triton")
+def test_gpu_fp8_kvcache(dtype, page_size, num_splits, granularity, use_backend):
+    use_backend("triton")
     g = torch.Generator().manual_seed(0)
     b, sq, h, hk, d, max_len = 3, 2, 8, 2, 128, 1000
     q = _rand(b, sq, h, d, dtype=dtype, device="cuda", g=g)
