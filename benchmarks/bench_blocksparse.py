@@ -1,6 +1,7 @@
 """Block-sparse vs dense on the GPU (issue: ≥ 3× faster at 25% of the blocks, seqlen 8192).
 
-    PYTHONPATH=src python benchmarks/bench_blocksparse.py [--seqlen 8192] [--density 0.25]
+    PYTHONPATH=src python benchmarks/bench_blocksparse.py [--seqlen 8192] [--density 0.25] [--kernels]
+        [--stages 2 3 4 5]
 Times flashattn forward and backward with a random block layout of the given density (the same
 layout for every batch entry and head; the diagonal always present, so no row is empty) against
 flashattn dense on the same inputs, bf16, hdim 128, 16 heads, batch·seqlen = 16384.
@@ -21,6 +22,8 @@ ap.add_argument("--density", type=float, default=0.25)
 ap.add_argument("--block", type=int, nargs=2, default=(128, 64))
 ap.add_argument("--kernels", action="store_true",
                 help="also the backward's kernels timed apart (torch.profiler), dense with the mask's tiles pinned too")
+ap.add_argument("--stages", type=int, nargs="+", default=None, metavar="N",
+                help="also A/B the sparse forward's pipeline depth: these stage counts, 5 interleaved repeats each")
 args = ap.parse_args()
 s, (bq, bk) = args.seqlen, args.block
 b, h, d = max(1, 16384 // s), 16, 128
@@ -83,3 +86,18 @@ if args.kernels:
         fwd_ms = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, block_mask=bm), return_mode="median")
         print(f"sparse fwd, {w_} warps {s_} stages: {fwd_ms * 1000:7.0f} us")
     fa_triton.pinned_configs.clear()
+
+
+if args.stages:
+    from flashattn.backends import triton as fa_triton
+    times = {}
+    for rep in range(5):   # interleaved, so that clock or thermal drift hits every variant alike
+        for st in args.stages:
+            fa_triton.pinned_configs["fwd"] = dict(num_warps=8, num_stages=st)
+            times.setdefault(st, []).append(
+                triton.testing.do_bench(lambda: flash_attn_func(q, k, v, block_mask=bm), return_mode="median"))
+    fa_triton.pinned_configs.clear()
+    for st, t in times.items():
+        t = sorted(t)
+        print(f"sparse fwd, 8 warps, {st} stages: median {t[2] * 1000:6.0f} us  (min {t[0] * 1000:.0f}, "
+              f"max {t[-1] * 1000:.0f})  {rows[0][1] / t[2]:.2f}x dense ({rows[0][1] * 1000:.0f} us)")
