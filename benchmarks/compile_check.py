@@ -44,7 +44,7 @@ _FLOATS = {"sm_scale", "softcap", "keep_scale"}
 _INT64 = {"seed", "drop_threshold"}
 BASE = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
             VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False, FP8=False, ROUND_P=False,
-            BLOCK_M=128, BLOCK_N=64, SUB_M=1)
+            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False)
 VARIANTS = [{}, dict(HAS_LEFT=True, HAS_SINK=True), dict(DROPOUT=True), dict(HAS_GLOBAL=True, HAS_LEFT=True),
             dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True), dict(BLOCK_SPARSE=1, HAS_RIGHT=False), dict(BLOCK_SPARSE=2, HAS_RIGHT=False)]
 KERNELS = {"fwd": (K._attn_fwd, 8), "dkdv": (K._attn_bwd_dkdv, 4), "dq": (K._attn_bwd_dq, 4)}

@@ -75,6 +75,12 @@ def bench_shape(d, s, causal, configs):
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     res = {}
+    # every pinned config's out and gradients are compared with SDPA flash's (bf16 noise is ~1e-2 here)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        qs, ks, vs = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+        ref_out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        ref = [ref_out.transpose(1, 2)] + [g.transpose(1, 2) for g in
+                                             torch.autograd.grad(ref_out, (qs, ks, vs), do.transpose(1, 2))]
     f_fwd = attention_flops(b, h, s, s, d, causal, "fwd")
     f_bwd = attention_flops(b, h, s, s, d, causal, "bwd")
     for name, cfg in configs:
@@ -84,6 +90,11 @@ def bench_shape(d, s, causal, configs):
             ms = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, causal=causal), warmup=25, rep=100,
                                          return_mode="median")
             out = flash_attn_func(q, k, v, causal=causal)
+            mine = [out] + list(torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+            err = max(((a.float() - r.float()).abs().max() / r.float().abs().max()).item() for a, r in zip(mine, ref))
+            if not err < 0.05:
+                print(f"config {name} d{d} s{s} causal={causal}: WRONG (max error {err:.2e} of the largest value)",
+                      flush=True)
             msb = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           warmup=25, rep=100, return_mode="median")
             res[name] = (tflops(f_fwd, ms), tflops(f_bwd, msb))
@@ -107,8 +118,8 @@ def bench_shape(d, s, causal, configs):
     return res
 
 
-def cfg(bm, bn, w, s):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+def cfg(bm, bn, w, s, tma=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **({"TMA": True} if tma else {}))
 
 
 t0 = time.time()
@@ -117,17 +128,21 @@ if not args.skip_check:
     print("\n".join(rows), flush=True)
     print(f"check took {time.time() - t0:.0f}s", flush=True)
 
-# config candidates: (name, {kernel: cfg}); default = the launcher's own defaults (no pin)
+# config candidates: (name, {kernel: cfg}); default = the launcher's own defaults (no pin); "+tma": tensor
+# descriptors (Hopper TMA) for the streamed tiles
 sweep = {
-    "fwd": [cfg(128, 64, 8, 3), cfg(128, 128, 8, 3), cfg(128, 64, 4, 3), cfg(64, 64, 4, 3), cfg(128, 32, 8, 4),
-            cfg(128, 128, 8, 2), cfg(128, 64, 8, 4)],
-    "dkdv": [cfg(32, 128, 4, 2), cfg(32, 128, 8, 2), cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(32, 64, 4, 3)],
-    "dq": [cfg(128, 32, 8, 2), cfg(128, 64, 8, 2), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 2)],
+    "fwd": [cfg(128, 64, 8, 3), cfg(128, 64, 8, 3, True), cfg(64, 64, 4, 3), cfg(64, 64, 4, 3, True),
+            cfg(128, 64, 8, 4, True), cfg(128, 128, 8, 3)],
+    "dkdv": [cfg(32, 64, 4, 3), cfg(32, 64, 4, 3, True), cfg(64, 128, 8, 2), cfg(64, 128, 8, 2, True),
+             cfg(64, 64, 4, 3), cfg(64, 64, 4, 3, True), cfg(32, 128, 8, 2)],
+    "dq": [cfg(128, 32, 4, 3), cfg(128, 32, 4, 3, True), cfg(64, 64, 4, 3), cfg(64, 64, 4, 3, True),
+           cfg(128, 64, 8, 2)],
 }
 configs = [("default", {})]
 for kern in args.sweep.split(","):
     for c in sweep[kern]:
-        configs.append((f"{kern}:{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}", {kern: c}))
+        configs.append((f"{kern}:{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
+                        f"{'+tma' if c.get('TMA') else ''}", {kern: c}))
 table = []
 for d in map(int, args.hdims.split(",")):
     for s in map(int, args.seqlens.split(",")):

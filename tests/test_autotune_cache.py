@@ -253,7 +253,7 @@ def test_launcher_rejects_a_cached_config_its_pruning_forbids(monkeypatch):
     monkeypatch.setitem(tb._tuned, "fwd", tuned)
     monkeypatch.setitem(tb._plain, "fwd", plain)
     q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
-    args = (q, "...", 4096, 0)   # the launchers' args start with q and end with (seq_bucket, gpu_key)
+    args = (q, "...", 4096, 0, 0)   # the launchers' args start with q and end with (seq_bucket, gpu_key, tma_ok)
     meta = dict(GROUP=1, HEAD_DIM=256, BLOCK_D=256, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
                 VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False)
     key = tb._tuning_key(args, meta)

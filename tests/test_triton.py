@@ -59,6 +59,31 @@ def test_interpreter_fwd_bwd(case, triton_backend):
                     alibi_slopes=slopes, name=case)
 
 
+# path -> (FLASHATTN_TMA, seqlen_q, seqlen_k, the call's mask, expected TMA flag, expected WS flag of the forward,
+# of dK/dV; dQ has none). WS needs whole key tiles (seqlen_k % 128 == 0), dK/dV whole query tiles and no GQA.
+LOAD_PATHS = {"pointers": ("0", 40, 128, dict(causal=True), False, False, False),
+              "tma": ("1", 40, 128, dict(window_size=(24, 0)), True, False, False),   # a left window: no WS
+              "warp-specialized-fwd": ("1", 40, 128, dict(), True, True, False),
+              "warp-specialized": ("1", 128, 128, dict(), True, True, True),
+              "warp-specialized-causal": ("1", 128, 256, dict(causal=True), True, True, True),
+              "warp-specialized-right-window": ("1", 128, 128, dict(window_size=(-1, 17)), True, True, True)}
+
+
+@interp
+@pytest.mark.parametrize("path", list(LOAD_PATHS))
+def test_interpreter_load_paths(path, triton_backend, monkeypatch):
+    """The kernels' three ways to read tiles: pointer loads, tensor descriptors (TMA), and the
+    warp-specialized loops (one loop: no left window or score options, whole tiles; see _tma_level)."""
+    from flashattn.backends import triton as tb
+    env, sq, sk, mask, tma, ws_fwd, ws_bwd = LOAD_PATHS[path]
+    monkeypatch.setenv("FLASHATTN_TMA", env)
+    q, k, v = make_qkv(1, sq, sk, 2, 2, 32, torch.float16, seed=7)   # dK/dV's WS loop: no GQA
+    run_and_compare(flash_attn_func, q, k, v, name=path, **mask)
+    for kernel, ws in (("fwd", ws_fwd), ("dkdv", ws_bwd), ("dq", False)):
+        used = tb.launch_config(kernel, 32)
+        assert bool(used.get("TMA")) == tma and bool(used.get("WS")) == ws, (kernel, used)
+
+
 @interp
 def test_interpreter_strided_packed_qkv(triton_backend):
     """Slices of a packed qkv: only the last dim is contiguous; gradients land in the packed tensor."""
@@ -138,6 +163,28 @@ def test_gpu_softcap_alibi(softcap, alibi, triton_backend):
     q, k, v = make_qkv(2, 300, 333, 4, 2, 64, torch.bfloat16, device="cuda", seed=11)
     slopes = torch.rand(2, 4, device="cuda") if alibi else None
     run_and_compare(flash_attn_func, q, k, v, causal=True, softcap=softcap, alibi_slopes=slopes)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["pointers", "descriptors"])
+@pytest.mark.parametrize("case", [(2, 256, 256, 4, 2, 128, 0.0, False), (2, 300, 384, 4, 4, 128, 10.0, True),
+                                  (1, 1000, 1024, 8, 1, 128, 0.0, True), (2, 256, 512, 4, 2, 64, 0.0, False)],
+                         ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-softcap{}-alibi{}".format(*c))
+def test_gpu_load_paths(case, path, triton_backend, monkeypatch):
+    """Non-causal shapes with seqlen_k a multiple of 128: at head dim 128 without score options the default
+    forward is the warp-specialized one (Triton's Hopper pass); with softcap or ALiBi, the descriptor loop."""
+    from flashattn.backends import triton as tb
+    b, sq, sk, h, hk, d, softcap, alibi = case
+    monkeypatch.setenv("FLASHATTN_TMA", "1" if path == "descriptors" else "0")
+    q, k, v = make_qkv(b, sq, sk, h, hk, d, torch.bfloat16, device="cuda", seed=sq + d)
+    slopes = torch.rand(b, h, device="cuda") if alibi else None
+    _poison_cuda_cache()
+    run_and_compare(flash_attn_func, q, k, v, softcap=softcap, alibi_slopes=slopes)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    used = tb.launch_config("fwd", d)
+    plain = softcap == 0.0 and not alibi   # the warp-specialized loop has no score options
+    assert bool(used.get("WS")) == (path == "descriptors" and hopper and d == 128 and plain), used
 
 
 @gpu

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
+from triton.runtime.errors import PTXASError
 
 from ... import dropout
 from . import kernels as K
@@ -54,7 +55,7 @@ def _gpu_key(device_index: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # configurations: data, pruned by a small keep() per kernel
 
-_KEY = ["seq_bucket", "gpu_key", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT", "HAS_GLOBAL", "BLOCK_SPARSE"]
+_KEY = ["seq_bucket", "gpu_key", "tma_ok", "HEAD_DIM", "GROUP", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI", "VARLEN", "HAS_SINK", "DROPOUT", "HAS_GLOBAL", "BLOCK_SPARSE"]
 
 
 def _smem_ok(bm, bn, bd, stages) -> bool:
@@ -69,9 +70,16 @@ def _smem_bytes(kernel: str, bm: int, bn: int, bd: int, stages: int) -> int:
     return 2 * bd * (resident + stages * 2 * streamed)
 
 
+def _tma_allowed(configs, named_args):
+    """configs without the TMA ones unless the launch allows descriptors, and without the warp-specialized
+    ones unless it allows those (the tma_ok argument: _tma_level)."""
+    level = named_args.get("tma_ok", 0)
+    return [c for c in configs if (not c.kwargs.get("TMA") or level >= 1) and (not c.kwargs.get("WS") or level >= 2)]
+
+
 def _keep_fwd(configs, named_args, **kwargs):
     bd = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"]
-    kept = [c for c in configs
+    kept = [c for c in _tma_allowed(configs, named_args)
             if _smem_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, c.num_stages)
             and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 and bd >= 128)   # spills the accumulator
             and not (bd >= 256 and c.kwargs["BLOCK_N"] > 64)]
@@ -80,7 +88,7 @@ def _keep_fwd(configs, named_args, **kwargs):
 
 def _keep_bwd(configs, named_args, **kwargs):
     bd = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"]
-    kept = [c for c in configs
+    kept = [c for c in _tma_allowed(configs, named_args)
             if _smem_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, c.num_stages)
             and not (bd >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     return kept or configs[:1]
@@ -99,18 +107,62 @@ def _keep_fwd_fp8(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, tma=False, ws=False):
+    return triton.Config(dict({"BLOCK_M": bm, "BLOCK_N": bn}, **({"TMA": True} if tma else {}),
+                              **({"WS": True} if ws else {})), num_warps=w, num_stages=s)
+
+
+def _tma_level(meta, seqlen_q: int, seqlen_k: int, *tensors) -> int:
+    """What the kernels may use for these fp16/bf16 tensors (the tma_ok kernel argument, part of the tuning key):
+    0: pointer loads only. 1: tensor descriptors (TMA): a Hopper or newer GPU (or Triton's interpreter),
+    16-byte aligned base addresses and strides, rows of at least 16 bytes. 2: also the warp-specialized
+    forward (kernels._attn_fwd_ws: one key loop, no score options): dense, no left window/sinks/global
+    tokens/block mask, no softcap/ALiBi/dropout, seqlen_k a multiple of 128 (every key tile whole); causal
+    or a right window only with seqlen_q <= seqlen_k (every row then sees key 0).
+    FLASHATTN_TMA=0 turns descriptors off."""
+    if not _tma_ok(*tensors):
+        return 0
+    plain = not any(meta[f] for f in ("VARLEN", "HAS_LEFT", "HAS_SINK", "HAS_GLOBAL", "BLOCK_SPARSE",
+                                      "FP8", "SOFTCAP", "HAS_ALIBI", "DROPOUT"))
+    plain = plain and (not meta["HAS_RIGHT"] or seqlen_q <= seqlen_k)
+    return 2 if plain and seqlen_k % 128 == 0 else 1
+
+
+# Warp-specialized cases checked on a GPU (benchmarks/check_ws.py: errors equal to the non-WS path), as
+# (kernel, causal or right window). The others run only under the interpreter, which checks their arithmetic
+# but not Triton's warp specializer (it has miscompiled row offsets before: NOTES.md), until a GPU run checks them.
+_WS_GPU_CHECKED = {("fwd", False)}
+
+
+def _ws_allowed(kernel: str, meta) -> bool:
+    return _interpreting() or (kernel, bool(meta["HAS_RIGHT"])) in _WS_GPU_CHECKED
+
+
+def _tma_ok(*tensors) -> bool:
+    """Level 1 of _tma_level: the GPU, the dtypes and the alignment allow tensor descriptors."""
+    if os.environ.get("FLASHATTN_TMA", "1") == "0":
+        return False
+    if not _interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.dtype in _SUPPORTED and t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() >= 16
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
 # Small on purpose: each config costs a compile (~1.5 s) per (head dim, mask kind, dtype). The lists hold
 # the winners of the H200 sweep in benchmarks/NOTES.md plus close neighbours.
+# TMA variants (tensor-descriptor loads, Hopper): shapes whose TMA build did not crash ptxas (it does for some
+# with 8 warps, e.g. fwd 128x128, dQ 128x64: the tuner skips a config that fails to compile). WS: the
+# warp-specialized forward (4 warps per consumer warpgroup, two of them, plus a producer).
 FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4),
-               _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2)]
+               _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2),
+               _cfg(128, 64, 8, 3, tma=True), _cfg(64, 64, 4, 3, tma=True), _cfg(128, 64, 8, 4, tma=True),
+               _cfg(128, 128, 4, 2, tma=True, ws=True), _cfg(128, 64, 4, 2, tma=True, ws=True)]
 DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2),
-                _cfg(32, 64, 4, 2)]
+                _cfg(32, 64, 4, 2),
+                _cfg(32, 64, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True)]
 DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2),
-              _cfg(64, 32, 4, 2)]
+              _cfg(64, 32, 4, 2),
+              _cfg(128, 32, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True)]
 # FP8 forward: not yet measured on a GPU. Halved operand bytes allow deeper pipelines and wider key
 # tiles; BLOCK_N >= 32 (the K of an FP8 wgmma for P·V). Triton's FP8 tutorial runs 128x128, 8 warps.
 # The FP8 loop holds two fp32 (BLOCK_M, BLOCK_D) tiles (acc and one block's product, see _attn_fwd_inner):
@@ -120,11 +172,13 @@ FWD_FP8_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 
                    _cfg(128, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(64, 128, 8, 2)]
 
 
-def _default(kernel: str, block_d: int):
-    """One known-good config per kernel (FLASHATTN_AUTOTUNE=0): the H200 sweep's winners; small
-    tiles under the interpreter so that tiny test shapes still cross block boundaries."""
+def _default(kernel: str, block_d: int, tma_ok: int = 0):
+    """One known-good config per kernel (FLASHATTN_AUTOTUNE=0): the H200 sweep's winners, with TMA where
+    the H100 measured it faster (benchmarks/NOTES.md); small tiles under the interpreter so that tiny test
+    shapes still cross block boundaries, with TMA whenever the inputs allow it (the tests cover both paths)."""
     if _interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, **({"TMA": True} if tma_ok else {}),
+                    **({"WS": True} if tma_ok >= 2 and kernel != "dq" else {}))
     if kernel == "fwd_fp8":   # a guess until measured (benchmarks/bench_fp8.py): no register spills on sm_90
         bm, bn, w, s = (128, 128, 8, 3) if block_d <= 128 else (64, 64, 8, 3)
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -134,8 +188,15 @@ def _default(kernel: str, block_d: int):
         table = {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 4, 3), "dq": (128, 32, 4, 3)}
     else:   # head dims up to 256: smaller tiles keep q, k, v and the accumulator within shared memory/registers
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+    if tma_ok >= 2 and kernel == "fwd" and block_d == 128:   # warp-specialized (H100: 1.14x, NOTES.md)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)
     bm, bn, w, s = table[kernel]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    tma = tma_ok >= 1 and (kernel, block_d) in _TMA_DEFAULTS
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **({"TMA": True} if tma else {}))
+
+
+# (kernel, BLOCK_D) whose default config reads through TMA when it may (H100 sweep, NOTES.md)
+_TMA_DEFAULTS = {("fwd", 16), ("fwd", 32), ("fwd", 64), ("dkdv", 64), ("dkdv", 128), ("dq", 64), ("dq", 128)}
 
 
 # Triton's autotuner only benchmarks; the results are kept by `tuning` (Triton's own disk cache does not
@@ -149,25 +210,65 @@ _tuned = {name: triton.autotune(_CONFIGS[name], key=_KEY, prune_configs_by={"ear
 
 def _tuning_key(args, meta) -> dict:
     """What a tuned config is chosen per: _KEY's values, the dtype and the GPU model. args start with q and
-    end with _tail(...) (seq_bucket, gpu_key)."""
+    end with _tail(...) (seq_bucket, gpu_key, tma_ok)."""
     key = {name: meta[name] for name in _KEY if name in meta}
-    key.update(seq_bucket=args[-2], dtype=str(args[0].dtype), gpu=_gpu_name(args[0].device.index or 0))
+    key.update(seq_bucket=args[-3], tma_ok=args[-1], dtype=str(args[0].dtype), gpu=_gpu_name(args[0].device.index or 0))
     return key
 
 
 # kernel name -> config dict: pins a config (benchmark sweeps and experiments), bypassing autotuning
 pinned_configs: dict = {}
-# kernel -> the config of its last autotuned launch (launch_config)
+# kernel -> the config of its last autotuned launch (launch_config); (kernel, BLOCK_D, pinned, interpreted) -> the
+# config that last ran without autotuning (a default depends on the inputs too: _tma_level)
 _last: dict = {}
+_last_default: dict = {}
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for kernels that build tensor descriptors on the device (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Triton asks an allocator for the device-side descriptors' scratch; its default raises. The allocator
+    is a ContextVar (per thread), so it is set on every launch that may need it, keeping one set by the user."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+_ptxas_failed: set = set()   # (kernel, meta, config) whose descriptor build ptxas could not compile
+
+
+def _run(kernel: str, grid, args, meta, cfg: dict) -> dict:
+    """Launch `kernel` with cfg. ptxas (triton 3.6's bundled one) crashes on a few TMA builds (NOTES.md); such a
+    config falls back to pointer loads, remembered per variant so the failing compile is not retried.
+    Returns the config that ran."""
+    key = (kernel, tuple(sorted(meta.items())), tuple(sorted(cfg.items())))
+    if key in _ptxas_failed:
+        cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "WS")}
+    try:
+        _plain[kernel][grid](*args, **meta, **cfg)
+    except PTXASError:
+        if not (cfg.get("TMA") or cfg.get("WS")):
+            raise
+        _ptxas_failed.add(key)
+        cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "WS")}
+        _plain[kernel][grid](*args, **meta, **cfg)
+    return cfg
 
 
 def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=None):
     """Run `kernel` with autotuning, or with the default config when autotuning is off; a block mask
     fixes the tiles to its own block size."""
     block_d = meta["BLOCK_D"]
+    tma_ok = args[-1]   # _tail's last
+    if tma_ok:
+        _ensure_allocator()
     if block_mask is not None:
         bq, bk = block_mask.block_size
-        cfg = dict(_default(kernel, block_d), BLOCK_M=bq, BLOCK_N=bk)
+        # pointer loads: the block-sparse speed-ups were measured with them (descriptors untimed here)
+        cfg = dict(_default(kernel, block_d, 0), BLOCK_M=bq, BLOCK_N=bk)
         if kernel == "dkdv":
             # dK/dV streams the query rows of each listed block in its own, shorter tiles (SUB_M per block):
             # at 128x64 blocks, one 128-row tile made dK/dV 3.6x slower than its 32-row tiles (NOTES.md)
@@ -185,17 +286,20 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
                 cfg["num_warps"] = 8   # 4 warps would hold a 128-row accumulator (dK/dV: 128 keys) in too few registers
         # a pinned config's warps and stages apply (experiments); the tiles stay the mask's
         cfg.update({k: v for k, v in pinned_configs.get(kernel, {}).items() if k in ("num_warps", "num_stages")})
-        _plain[kernel][(triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols)](*args, **meta, **cfg)
+        _run(kernel, (triton.cdiv(grid_rows, bq if kernel != "dkdv" else bk), grid_cols), args, meta, cfg)
         return
     if kernel not in pinned_configs and _autotune_enabled():
         grid = lambda m: (triton.cdiv(grid_rows, m["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
         config = tuning.run_tuned(kernel, _tuned[kernel], _plain[kernel], grid, args, meta, _tuning_key(args, meta),
-                         _KEEP[kernel](_CONFIGS[kernel], {}, **meta), K)
+                                  _KEEP[kernel](_CONFIGS[kernel], {"tma_ok": tma_ok}, **meta), K)
         _last[kernel] = dict(config["kwargs"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     else:
-        cfg = pinned_configs.get(kernel) or _default(kernel, block_d)
+        cfg = pinned_configs.get(kernel) or _default(kernel, block_d, tma_ok)
+        # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2) runs without it
+        cfg = {k: v for k, v in cfg.items() if (k != "TMA" or tma_ok >= 1) and (k != "WS" or tma_ok >= 2)}
         block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
-        _plain[kernel][(triton.cdiv(grid_rows, block), grid_cols)](*args, **meta, **cfg)
+        ran = _run(kernel, (triton.cdiv(grid_rows, block), grid_cols), args, meta, cfg)
+        _last_default[(kernel, block_d, kernel in pinned_configs, _interpreting())] = ran
 
 
 def launch_config(kernel: str, block_d: int) -> dict:
@@ -207,7 +311,9 @@ def launch_config(kernel: str, block_d: int) -> dict:
     if kernel in pinned_configs:
         return dict(pinned_configs[kernel], source="pinned")
     if not _autotune_enabled():
-        return dict(_default(kernel, block_d), source="default")
+        # the default depends on the inputs too (descriptors or not): the last one run at this head dim
+        return dict(_last_default.get((kernel, block_d, False, _interpreting())) or _default(kernel, block_d),
+                    source="default")
     if kernel not in _last:
         return {"source": "not launched yet"}
     return dict(_last[kernel], source="autotuned")
@@ -317,10 +423,11 @@ def _alibi_args(q, alibi_slopes):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
-def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed):
+def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
+          tma_ok):
     return (bt.seqlen_q, bt.seqlen_k, max(window_left, 0), max(window_right, 0), num_sink, float(softmax_scale),
             float(softcap) if softcap else 1.0, dropout_seed, dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-            triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0))
+            triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0), tma_ok)
 
 
 @tuning.serialized_under_interpreter
@@ -348,11 +455,13 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)   # any pointer when dense
     glob = q if global_flags is None else global_flags   # any pointer when there are none
     sp_ptrs, sp_ints = _sparse_args(q, block_mask, "kv")
-    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, descale, *bt.strides(q), *bt.strides(k),
-            *bt.strides(v), v.stride(-1), *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
-            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed))
     meta = _common_meta(bt, q.shape[-1], window_left, window_right, softcap, alibi_slopes, num_sink, dropout_p,
                         global_flags, block_mask, fp8)
+    args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, descale, *bt.strides(q), *bt.strides(k),
+            *bt.strides(v), v.stride(-1), *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
+            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
+                   0 if fp8 else min(_tma_level(meta, bt.seqlen_q, bt.seqlen_k, q, k, v),
+                                     2 if _ws_allowed("fwd", meta) else 1)))
     meta["ROUND_P"] = fp8 and _interpreting()   # see kernels._to_e4m3
     _launch("fwd_fp8" if fp8 else "fwd", bt.seqlen_q, bt.batch * bt.nheads, args, meta, block_mask)
     return out, lse
@@ -393,7 +502,13 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
         dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
-    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
+    level = 0 if fp8 else _tma_level(meta, bt.seqlen_q, bt.seqlen_k, q, k, v, dout)
+    # dK/dV's warp-specialized loop reads whole query tiles, and triton 3.6 specializes it only outside the
+    # GQA group loop (GROUP == 1); dQ has none (its warp specialization fails to compile: NOTES.md)
+    whole = bt.seqlen_q % 128 == 0 and meta["GROUP"] == 1
+    dkdv_level = level if whole and _ws_allowed("dkdv", meta) else min(level, 1)
+    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
+                 dkdv_level)
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
     q_ptrs, q_ints = _sparse_args(q, block_mask, "q")
     kv_ptrs, kv_ints = _sparse_args(q, block_mask, "kv")
@@ -403,5 +518,5 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
             block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
             (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, descale, *inputs, *bt.strides(dq),
-             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail), meta, block_mask)
+             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail[:-1], min(level, 1)), meta, block_mask)
     return dq, dk, dv

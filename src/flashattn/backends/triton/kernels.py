@@ -290,8 +290,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                    BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr, BLOCK_M: tl.constexpr):
+                    BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                    TMA: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block; K, V point at key 0.
+
+    TMA: K and V are tensor descriptors of this sequence's (seqlen_k, HEAD_DIM) keys and values (Hopper's
+    copy engine loads whole tiles, zero past the ends); otherwise pointers.
 
     BLOCK_SPARSE: [start, end) walks a list instead: entry it // BLOCK_N of SpList names the key block,
     SpPid[block] its element-mask tile in SpTile (or -1). The list is walked by this innermost loop, so
@@ -300,8 +304,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
     (stride_vn = 1, head-dim stride stride_vd): an FP8 wgmma takes its B operand only K-major, and the K
     of P·V is the keys. P is multiplied by 2^P_LOG2 before its cast to e4m3 (so are l_i and acc; the
     factor cancels in acc / l and is taken out of the lse)."""
-    k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    if FP8:   # a (BLOCK_N, BLOCK_D) tile, keys contiguous (stride_vn = 1)
+    if TMA:   # the descriptors take key offsets; no pointers to carry
+        k_ptrs = start
+        v_ptrs = start
+    else:
+        k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+    if TMA:
+        pass
+    elif FP8:   # a (BLOCK_N, BLOCK_D) tile, keys contiguous (stride_vn = 1)
         # A non-empty [start, end) starts at a multiple of BLOCK_N (_kv_blocks: only hi may be another number).
         # Written as one, the compiler knows it (tl.multiple_of on the loop variable is dropped), so the tile's
         # key rows are 16-byte aligned and load as vectors (cp.async). An empty range must stay empty.
@@ -316,12 +326,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
             start_n, tile_pid, _ = _listed_tile(SpList, SpPid, start_n // BLOCK_N, 1, BLOCK_N, 1, BLOCK_SPARSE)
+        if BLOCK_SPARSE and not TMA:
             k_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * (
                 stride_vd if FP8 else 1)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASK:
+        if TMA:
+            kT = tl.trans(K.load([start_n, 0]))
+        elif MASK:
             kT = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
         else:
             kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
@@ -346,7 +359,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         else:
             p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
+        if TMA:
+            v = V.load([start_n, 0])
+        elif MASK:
             v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -362,9 +377,33 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
-        if not BLOCK_SPARSE:
+        if not BLOCK_SPARSE and not TMA:
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_ws(acc, l_i, m_i, q, K, V, hi, lim, sm_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The warp-specialized key loop (see _attn_fwd's WS): _attn_fwd_inner's update without its options, on
+    descriptors K, V over the key blocks [0, hi) (whole blocks: seqlen_k a multiple of BLOCK_N).
+    CAUSAL: key start_n + j is visible to row start_m + i iff j - i <= lim - start_n (lim = start_m +
+    seqlen_k - seqlen_q + right, the rule of _visible with the block offsets taken out, since the warp
+    specializer mis-splits start_m + tl.arange, see _attn_fwd); applied to every block, as the loop may not
+    branch. Every row sees key 0 (seqlen_q <= seqlen_k), so the first block leaves no row at m = -inf."""
+    qk_scale = sm_scale * 1.4426950408889634
+    dij = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None]
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        s = tl.dot(q, K.load([start_n, 0]).T) * qk_scale
+        if CAUSAL:
+            s = tl.where(dij <= lim - start_n, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(q.dtype), V.load([start_n, 0]), acc * alpha[:, None])
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -377,12 +416,12 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
               stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
               nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
               seed, drop_threshold, keep_scale,
-              seq_bucket, gpu_key,   # unused in the body: autotuning keys
+              seq_bucket, gpu_key, tma_ok,   # unused in the body: autotuning keys
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
               BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b].
@@ -396,19 +435,37 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     off_hk = (off_h // GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
-    if start_m >= seqlen_q:   # a shorter sequence of a packed batch
-        return
+    if not WS:   # (WS launches are dense: every program has rows; an early return stops warp specialization)
+        if start_m >= seqlen_q:   # a shorter sequence of a packed batch
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     rows_ok = offs_m < seqlen_q
+    lse_ptrs = Lse + off_b * stride_lb + off_h * stride_lh + q_start + offs_m
+    if WS:
+        # Rows relative to start_m: triton 3.6's warp specializer gives the second consumer warpgroup
+        # (start_m + 64) + tl.arange(64, 128) for start_m + tl.arange(0, 128), an offset counted twice
+        # (seen in the TTGIR; the lse landed 64 rows off). Pointer bases plus a bare arange split right.
+        rows_ok = tl.arange(0, BLOCK_M) < seqlen_q - start_m
+        lse_ptrs = Lse + off_b * stride_lb + off_h * stride_lh + q_start + start_m + tl.arange(0, BLOCK_M)
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh + (q_start + start_m) * stride_qm
-    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
-                mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    if WS:   # the warp specializer wants every load that feeds the loop's products from a descriptor
+        q = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
+                                      shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+    else:
+        q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
+                    mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    if TMA:   # this sequence's keys and values as (seqlen_k, HEAD_DIM) tensors: tiles past either end read 0
+        K_bh = tl.make_tensor_descriptor(K_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_bh = tl.make_tensor_descriptor(V_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
@@ -424,7 +481,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                              HAS_SINK, DROPOUT, HAS_GLOBAL)
-    if BLOCK_SPARSE:   # the key blocks the block mask lists for this query block, each masked
+    if WS:
+        # Warp-specialized (Hopper: a producer warpgroup issues the TMA loads, two consumer warpgroups of
+        # BLOCK_M / 2 rows compute). Triton 3.6 compiles that only for one key loop without run-time branches
+        # in it, so the launcher allows WS only for dense, causal or right-windowed attention without
+        # score options (_tma_level).
+        hi = tl.cdiv(bounds[4], BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_ws(acc, l_i, m_i, q, K_bh, V_bh, hi, start_m + seqlen_k - seqlen_q + right,
+                                     sm_scale, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    elif BLOCK_SPARSE:   # the key blocks the block mask lists for this query block, each masked
         qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
@@ -433,7 +498,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
                                         right, num_sink, sm_scale, softcap, slope, row_key, drop_threshold,
                                         keep_scale, Glob, q_global, SpIdx + sp, SpPid + sp, SpTile, BLOCK_SPARSE == 1, HEAD_DIM,
                                         BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                        HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M)
+                                        HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M, TMA)
     else:
         # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
         # Then the masked edges of the window, then the sink blocks left of it.
@@ -445,7 +510,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
                                                 num_sink, sm_scale, softcap, slope, row_key, drop_threshold, keep_scale,
                                                 Glob, q_global, SpIdx, SpPid, SpTile, phase != 0, HEAD_DIM, BLOCK_D,
                                                 BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                                HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M)
+                                                HAS_GLOBAL, BLOCK_SPARSE, FP8, ROUND_P, BLOCK_M, TMA)
     # -- finish: out = acc / l, lse = m + log l (natural log); rows that saw no key give 0 and -inf
     empty = l_i == 0.0
     if FP8:   # l_i carries the factor 2^P_LOG2 of p
@@ -458,7 +523,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     o_base = Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
     tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=rows_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
+    tl.store(lse_ptrs, lse, mask=rows_ok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,8 +558,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr,
                          HAS_GLOBAL: tl.constexpr, BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SUB_M: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end) of one query head.
+    TMA: Q and DO are tensor descriptors of the head's (seqlen_q, HEAD_DIM) rows (see _attn_fwd_inner).
 
     Works on transposed tiles (keys as rows) so that dV += Pᵀ dO and dK += dSᵀ Q need no transposes.
     BLOCK_SPARSE: [start, end) walks the list SpList of query blocks (as in _attn_fwd_inner) in SUB_M
@@ -503,25 +569,35 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
     SpPid[qb · pid_stride], its rows SUB_M · BLOCK_M long.
     FP8: q tiles are float8, upcast (exactly) to dO's type; dP is scaled by dp_scale (v's descale).
     """
-    qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
-    do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
+    if TMA:
+        qT_ptrs = start
+        do_ptrs = start
+    else:
+        qT_ptrs = Q + start.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
+        do_ptrs = DO + start.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
         if BLOCK_SPARSE:   # sub_m: this tile's first row within the mask's block
             start_m, tile_pid, sub_m = _listed_tile(SpList, SpPid, start_m // BLOCK_M, pid_stride, BLOCK_M, SUB_M,
                                                     BLOCK_SPARSE)
+        if BLOCK_SPARSE and not TMA:
             qT_ptrs = Q + start_m.to(tl.int64) * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None]
             do_ptrs = DO + start_m.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        if MASK:
+        if TMA:
+            qT = tl.trans(Q.load([start_m, 0]))
+            do = DO.load([start_m, 0])
+        elif MASK:
             qT = tl.load(qT_ptrs, mask=d_ok[:, None] & (rows[None, :] < seqlen_q), other=0.0)
             do = tl.load(do_ptrs, mask=d_ok[None, :] & (rows[:, None] < seqlen_q), other=0.0)
-            lse2 = tl.load(Lse + rows, mask=rows < seqlen_q, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=rows < seqlen_q, other=0.0)
         else:
             qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+        if MASK:
+            lse2 = tl.load(Lse + rows, mask=rows < seqlen_q, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=rows < seqlen_q, other=0.0)
+        else:
             lse2 = tl.load(Lse + rows)
             delta = tl.load(Delta + rows)
         # rows that saw no key (lse = -inf): +inf makes their P exactly 0
@@ -557,9 +633,32 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start, end, offs_n, of
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
-        if not BLOCK_SPARSE:
+        if not BLOCK_SPARSE and not TMA:
             qT_ptrs += BLOCK_M * stride_qm
             do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_ws(dk, dv, k, v, Q, DO, Lse, Delta, lo, hi, lim, sm_scale, CAUSAL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK/dV's warp-specialized query loop (see _attn_fwd_ws): _attn_bwd_dkdv_inner without its options, on
+    descriptors Q, DO over the query blocks [lo, hi) (whole blocks: seqlen_q a multiple of BLOCK_M; every
+    row's lse finite). CAUSAL: key start_n + j is visible to row start_m + i iff j - i <= start_m + lim
+    (lim = seqlen_k - seqlen_q + right - start_n)."""
+    qk_scale = sm_scale * 1.4426950408889634
+    dji = tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, BLOCK_M)[None, :]
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=True):
+        qT = Q.load([start_m, 0]).T
+        do = DO.load([start_m, 0])
+        rows = start_m + tl.arange(0, BLOCK_M)
+        pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - (tl.load(Lse + rows) * 1.4426950408889634)[None, :])
+        if CAUSAL:
+            pT = tl.where(dji <= start_m + lim, pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dsT = pT * (dpT - tl.load(Delta + rows)[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
 
 
@@ -574,15 +673,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                    stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
                    nheads_k, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                    seed, drop_threshold, keep_scale,
-                   seq_bucket, gpu_key,
+                   seq_bucket, gpu_key, tma_ok,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                    BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SUB_M: tl.constexpr):
+                   SUB_M: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False):
     """One program: one block of BLOCK_N keys of one (batch, kv head), summing over the GROUP query
     heads that share it (GQA) in a fixed order: deterministic. Grid (cdiv(seqlen_k, BLOCK_N), batch·nheads_k).
     SUB_M: with a block mask, its blocks have SUB_M · BLOCK_M query rows (see _attn_bwd_dkdv_inner).
+    WS: the warp-specialized query loop _attn_bwd_dkdv_ws (the launcher's conditions: _tma_level).
 
     FP8 (experimental): Q, K, V float8 e4m3 with Descale (batch, nheads_k, 3) as in the forward, upcast
     to dO's type (bf16/fp16 hold every e4m3 value exactly); gradients of the dequantized inputs."""
@@ -591,17 +691,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
     off_b = (off_bhk // nheads_k).to(tl.int64)
     off_hk = (off_bhk % nheads_k).to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
-    if start_n >= seqlen_k:
-        return
+    if not WS:   # (WS launches are dense; an early return stops warp specialization)
+        if start_n >= seqlen_k:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    row_off = k_start + offs_n[:, None]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + row_off * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + row_off * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    # rows of this block relative to start_n (see _attn_fwd's WS for why not offs_n)
+    kv_mask = (tl.arange(0, BLOCK_N)[:, None] < seqlen_k - start_n) & (offs_d[None, :] < HEAD_DIM)
+    row_off = (k_start + start_n) + tl.arange(0, BLOCK_N)[:, None]
+    if WS:   # the warp specializer wants the loop's operands from descriptors (as q in _attn_fwd)
+        k = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
+                                      shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+        v = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
+                                      shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+    else:
+        k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + row_off * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + row_off * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
     s_scale = sm_scale    # multiplies q·k in the scores
     dk_scale = sm_scale   # multiplies dSᵀ Q
     dp_scale = 1.0        # multiplies dO Vᵀ
@@ -620,17 +730,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
     k_global = offs_n
     if HAS_GLOBAL:
         k_global = _global_flags(Glob, offs_n, seqlen_k)
-    for g in range(GROUP):
+    for g in tl.range(GROUP, num_stages=1 if TMA else None):   # (a pipelined loop cannot hold tensormap_create)
         off_h = off_hk * GROUP + g
         Q_bh = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
         DO_bh = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+        if TMA:   # this head's query rows (see _attn_fwd)
+            Q_bh = tl.make_tensor_descriptor(Q_bh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                             block_shape=[BLOCK_M, BLOCK_D])
+            DO_bh = tl.make_tensor_descriptor(DO_bh, shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
         Lse_bh = Lse + off_b * stride_lb + off_h * stride_lh + q_start   # Delta has lse's layout
         Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh + q_start
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + off_b * stride_ab + off_h)
         bh = off_b * nheads_k * GROUP + off_h
-        if BLOCK_SPARSE:   # the query blocks the block mask lists for this key block (BlockMask.kernel_lists)
+        if WS:
+            dk, dv = _attn_bwd_dkdv_ws(dk, dv, k, v, Q_bh, DO_bh, Lse_bh, Delta_bh, lo, seqlen_q,
+                                       seqlen_k - seqlen_q + right - start_n, s_scale, HAS_RIGHT, BLOCK_M, BLOCK_N)
+        elif BLOCK_SPARSE:   # the query blocks the block mask lists for this key block (BlockMask.kernel_lists)
             kb = tl.program_id(0)
             sp = off_b * stride_sb + off_h * stride_sh
             count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + kb)
@@ -639,7 +757,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                                           right, num_sink, s_scale, softcap, slope, seed, bh, drop_threshold,
                                           keep_scale, Glob, k_global, SpIdx + sp + kb * n_qb, SpPid + sp + kb, n_kb,
                                           SpTile, dp_scale, BLOCK_SPARSE == 1, HEAD_DIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                          HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, SUB_M)
+                                          HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, SUB_M, TMA)
         else:
             for phase in tl.static_range(3):   # unmasked middle, then the two masked edges
                 p_lo, p_hi = _phase_bounds((lo * 0, lo, full_lo, full_hi, hi), phase)
@@ -648,7 +766,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
                                               s_scale, softcap, slope, seed, bh, drop_threshold, keep_scale, Glob,
                                               k_global, SpIdx, SpPid, n_kb, SpTile, dp_scale, phase != 0, HEAD_DIM,
                                               BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT,
-                                              HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, 1)
+                                              HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_N, 1, TMA)
     dk = dk * dk_scale   # dS was taken w.r.t. the scaled scores
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + row_off * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -663,17 +781,22 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
                        MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                       BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr):
+                       BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) (a list with BLOCK_SPARSE, as in
-    _attn_fwd_inner).
+    _attn_fwd_inner; TMA: K and V are descriptors, as there).
     FP8: K, V tiles are float8, upcast (exactly) to q's type; dP is scaled by dp_scale (v's descale)."""
-    kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
+    if TMA:
+        kT_ptrs = start
+        vT_ptrs = start
+    else:
+        kT_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        vT_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         tile_pid = -1   # no element mask (a block mask's partly filled tile sets it below)
         if BLOCK_SPARSE:
             start_n, tile_pid, _ = _listed_tile(SpList, SpPid, start_n // BLOCK_N, 1, BLOCK_N, 1, BLOCK_SPARSE)
+        if BLOCK_SPARSE and not TMA:
             kT_ptrs = K + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
             vT_ptrs = V + start_n.to(tl.int64) * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None]
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -682,8 +805,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
             kv_mask = d_ok[:, None] & (cols[None, :] < seqlen_k)
         else:
             kv_mask = d_ok[:, None]
-        kT = tl.load(kT_ptrs, mask=kv_mask, other=0.0)
-        vT = tl.load(vT_ptrs, mask=kv_mask, other=0.0)
+        if TMA:
+            kT = tl.trans(K.load([start_n, 0]))
+            vT = tl.trans(V.load([start_n, 0]))
+        else:
+            kT = tl.load(kT_ptrs, mask=kv_mask, other=0.0)
+            vT = tl.load(vT_ptrs, mask=kv_mask, other=0.0)
         if FP8:
             kT = kT.to(q.dtype)
             vT = vT.to(q.dtype)
@@ -705,7 +832,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, end, offs_m, offs_n,
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
-        if not BLOCK_SPARSE:
+        if not BLOCK_SPARSE and not TMA:
             kT_ptrs += BLOCK_N * stride_kn
             vT_ptrs += BLOCK_N * stride_vn
     return dq
@@ -721,13 +848,15 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                  stride_lb, stride_lh, stride_ab, stride_sb, stride_sh, stride_cb, stride_ch, n_qb, n_kb,
                  nheads, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                  seed, drop_threshold, keep_scale,
-                 seq_bucket, gpu_key,
+                 seq_bucket, gpu_key, tma_ok,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                 BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TMA: tl.constexpr = False):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
-    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv."""
+    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv.
+    (No warp-specialized loop: triton 3.6's warp specializer fails on this one, benchmarks/NOTES.md.)"""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
@@ -766,6 +895,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    if TMA:   # as in _attn_fwd
+        K_bh = tl.make_tensor_descriptor(K_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_bh = tl.make_tensor_descriptor(V_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
@@ -778,7 +912,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                                 offs_n, offs_d, stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink,
                                 s_scale, softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global,
                                 SpIdx + sp, SpPid + sp, SpTile, dp_scale, BLOCK_SPARSE == 1, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M)
+                                SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M, TMA)
     else:
         for phase in tl.static_range(4):   # the forward's order: unmasked middle, masked edges, sinks
             if phase < 3 or HAS_SINK:
@@ -787,7 +921,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                                         stride_kn, stride_vn, seqlen_q, seqlen_k, left, right, num_sink, s_scale,
                                         softcap, slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpIdx,
                                         SpPid, SpTile, dp_scale, phase != 0, HEAD_DIM, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                        SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M)
+                                        SOFTCAP, HAS_ALIBI, HAS_SINK, DROPOUT, HAS_GLOBAL, BLOCK_SPARSE, FP8, BLOCK_M, TMA)
     dq = dq * dq_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row_off * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)

@@ -1,0 +1,86 @@
+"""GPU check of the warp-specialized forward (WS) against the non-WS default (level-1 config: descriptors
+where they are the default, no WS): error of out and lse vs the float64 reference and TFLOP/s, per shape,
+causal and not (partly filled last query blocks included). Prints a table last.
+
+    PYTHONPATH=src python benchmarks/check_ws.py [--quick]
+"""
+import sys
+
+import torch
+import triton
+
+import flashattn
+from flashattn import attention_ref
+from flashattn.backends import triton as T
+from flashattn.bench.gpu import do_bench_ms
+from flashattn.flops import attention_flops
+
+bench = do_bench_ms(25.0, 100.0)
+T._WS_GPU_CHECKED |= {("fwd", True), ("dkdv", False), ("dkdv", True)}   # what this script checks
+print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+SHAPES = [(1, 4096, 4096, 16, 16, 128), (2, 300, 384, 4, 2, 128), (3, 200, 256, 4, 1, 128), (1, 100, 128, 2, 2, 128),
+          (1, 16384, 16384, 16, 16, 128), (2, 8192, 8192, 16, 16, 64), (2, 300, 384, 4, 2, 64),
+          (4, 1024, 1024, 16, 16, 128)]
+if "--quick" in sys.argv:
+    SHAPES = [SHAPES[i] for i in (0, 1, 3, 5, 6)]
+VARIANTS = {"base": None, "ws128": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True),
+            "ws64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=True)}
+rows = []
+for b, s, sk, h, hk, d in SHAPES:
+    for causal in (False, True):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        small = b * h * s * sk <= 2 ** 27
+        if small:
+            ref, ref_lse = attention_ref(q, k, v, causal=causal)
+        res = {}
+        for name, cfg in VARIANTS.items():
+            T.pinned_configs["fwd"] = cfg or T._default("fwd", d, 1)
+            out, lse, _ = flashattn.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+            ran = T._last_default.get(("fwd", d, True, False))
+            err = (max((out.double() - ref).abs().max().item(), 0.0),
+                   (lse.double() - ref_lse).nan_to_num(0.0, 0.0, 0.0).abs().max().item()) if small else (float("nan"),) * 2
+            ms = bench(lambda: flashattn.flash_attn_func(q, k, v, causal=causal))
+            tf = attention_flops(b, h, s, sk, d, causal) / ms / 1e9
+            res[name] = (tf, err)
+            print(f"b{b} s{s} sk{sk} h{h}/{hk} d{d} causal={causal} {name} ran={ran}: {ms:.3f} ms {tf:.0f} TFLOP/s "
+                  f"err out/lse {err}", flush=True)
+        rows.append((f"b{b} s{s}/{sk} h{h}/{hk} d{d}", causal, res))
+        T.pinned_configs.clear()
+print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS) + " | ws128/base |")
+for shape, causal, res in rows:
+    cells = " | ".join(f"{tf:.0f} | {e[0]:.1e}, {e[1]:.1e}" for tf, e in res.values())
+    print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} |")
+
+# Backward: dK/dV with the warp-specialized query loop (MHA, whole tiles) against the default; dQ stays default.
+BWD_VARIANTS = {"base": None, "ws64x128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True),
+                "ws32x128": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)}
+brows = []
+for b, s, h, d in [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1, 16384, 16, 128)][:3 if "--quick" in sys.argv else 4]:
+    for causal in (False, True):
+        g = torch.Generator(device="cuda").manual_seed(1)
+        q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        small = b * h * s * s <= 2 ** 25
+        if small:
+            qd, kd, vd = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+            ref = torch.autograd.grad(attention_ref(qd, kd, vd, causal=causal)[0], (qd, kd, vd), do.double())
+        res = {}
+        for name, cfg in BWD_VARIANTS.items():
+            T.pinned_configs["dkdv"] = cfg or T._default("dkdv", d, 1)
+            out = flashattn.flash_attn_func(q, k, v, causal=causal)
+            grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+            ran = T._last_default.get(("dkdv", d, True, False))
+            err = tuple(f"{(a.double() - r).abs().max().item():.1e}" for a, r in zip(grads, ref)) if small else ()
+            ms = bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+            tf = attention_flops(b, h, s, s, d, causal, "bwd") / ms / 1e9
+            res[name] = tf
+            print(f"bwd b{b} s{s} h{h} d{d} causal={causal} {name} ran={ran}: {ms:.3f} ms {tf:.0f} TFLOP/s err dq/dk/dv {err}",
+                  flush=True)
+        brows.append((f"b{b} s{s} h{h} d{d}", causal, res))
+        T.pinned_configs.clear()
+print("\n| backward shape | causal | " + " | ".join(f"{n} TFLOP/s" for n in BWD_VARIANTS) + " |")
+for shape, causal, res in brows:
+    print(f"| {shape} | {causal} | " + " | ".join(f"{tf:.0f}" for tf in res.values()) + " |")
