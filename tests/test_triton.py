@@ -187,6 +187,38 @@ def test_gpu_load_paths(case, path, triton_backend, monkeypatch):
     assert bool(used.get("WS")) == (path == "descriptors" and hopper and d == 128 and plain), used
 
 
+# (b, seqlen_q, seqlen_k, h, hk, d, mask): whole tiles, partial query tiles (forward WS only), a diagonal offset
+WS_GPU_CASES = [(2, 384, 384, 4, 4, 128, dict()), (2, 384, 384, 4, 4, 128, dict(causal=True)),
+                (1, 200, 512, 4, 4, 128, dict(causal=True)), (2, 256, 640, 4, 4, 128, dict(causal=True)),
+                (1, 512, 512, 4, 4, 128, dict(window_size=(-1, 37))), (2, 384, 512, 4, 2, 64, dict(causal=True)),
+                (1, 1024, 1024, 8, 8, 64, dict())]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("config", ["fwd128x128-dkdv32x128", "fwd128x64-dkdv64x128"])
+@pytest.mark.parametrize("case", WS_GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(
+    *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items()) or "full"))
+def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
+    """Every warp-specialized loop on the GPU, also those not yet enabled there (_WS_GPU_CHECKED): the
+    forward (dense, causal, right window) and dK/dV (MHA, whole query tiles), at both WS tile shapes."""
+    from flashattn.backends import triton as tb
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Triton's warp specialization targets Hopper (sm_90)")
+    b, sq, sk, h, hk, d, mask = case
+    monkeypatch.setattr(tb, "_WS_GPU_CHECKED", {(k, m) for k in ("fwd", "dkdv") for m in (False, True)})
+    bn = 128 if config.startswith("fwd128x128") else 64
+    monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
+    monkeypatch.setitem(tb.pinned_configs, "dkdv", dict(BLOCK_M=128 // (bn // 32), BLOCK_N=128, num_warps=4, num_stages=2,
+                                                       TMA=True, WS=True))
+    q, k, v = make_qkv(b, sq, sk, h, hk, d, torch.bfloat16, device="cuda", seed=sq + sk + d)
+    _poison_cuda_cache()
+    run_and_compare(flash_attn_func, q, k, v, **mask)
+    ran = {kernel: tb._last_default[(kernel, d, True, False)] for kernel in ("fwd", "dkdv")}
+    assert ran["fwd"].get("WS"), ran
+    assert bool(ran["dkdv"].get("WS")) == (sq % 128 == 0 and h == hk), ran
+
+
 @gpu
 @needs_cuda
 def test_gpu_deterministic_and_strided(triton_backend):
