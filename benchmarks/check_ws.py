@@ -16,7 +16,7 @@ from flashattn.bench.gpu import do_bench_ms
 from flashattn.flops import attention_flops
 
 bench = do_bench_ms(25.0, 100.0)
-T._WS_GPU_CHECKED |= {("fwd", True), ("dkdv", False), ("dkdv", True)}   # what this script checks
+T._WS_GPU_CHECKED |= {(k, m) for k in ("fwd", "dkdv", "dq") for m in (False, True)}   # what this script checks
 print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
 SHAPES = [(1, 4096, 4096, 16, 16, 128), (2, 300, 384, 4, 2, 128), (3, 200, 256, 4, 1, 128), (1, 100, 128, 2, 2, 128),
           (1, 16384, 16384, 16, 16, 128), (2, 8192, 8192, 16, 16, 64), (2, 300, 384, 4, 2, 64),
@@ -53,9 +53,14 @@ for shape, causal, res in rows:
     cells = " | ".join(f"{tf:.0f} | {e[0]:.1e}, {e[1]:.1e}" for tf, e in res.values())
     print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} |")
 
-# Backward: dK/dV with the warp-specialized query loop (MHA, whole tiles) against the default; dQ stays default.
-BWD_VARIANTS = {"base": None, "ws64x128": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True),
-                "ws32x128": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)}
+# Backward: the warp-specialized dK/dV (MHA, whole tiles) and dQ loops against the defaults, apart and together.
+def _ws(bm, bn):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True)
+
+
+BWD_VARIANTS = {"base": {}, "dkdv32x128": {"dkdv": _ws(32, 128)}, "dkdv64x128": {"dkdv": _ws(64, 128)},
+                "dq128x64": {"dq": _ws(128, 64)}, "dq128x128": {"dq": _ws(128, 128)},
+                "both": {"dkdv": _ws(64, 128), "dq": _ws(128, 64)}}
 brows = []
 for b, s, h, d in [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1, 16384, 16, 128)][:3 if "--quick" in sys.argv else 4]:
     for causal in (False, True):
@@ -69,10 +74,11 @@ for b, s, h, d in [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1,
             ref = torch.autograd.grad(attention_ref(qd, kd, vd, causal=causal)[0], (qd, kd, vd), do.double())
         res = {}
         for name, cfg in BWD_VARIANTS.items():
-            T.pinned_configs["dkdv"] = cfg or T._default("dkdv", d, 1)
+            T.pinned_configs.update(dkdv=T._default("dkdv", d, 1), dq=T._default("dq", d, 1))
+            T.pinned_configs.update(cfg)
             out = flashattn.flash_attn_func(q, k, v, causal=causal)
             grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-            ran = T._last_default.get(("dkdv", d, True, False))
+            ran = [T._last_default.get((kn, d, True, False)) for kn in ("dkdv", "dq")]
             err = tuple(f"{(a.double() - r).abs().max().item():.1e}" for a, r in zip(grads, ref)) if small else ()
             ms = bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
             tf = attention_flops(b, h, s, s, d, causal, "bwd") / ms / 1e9

@@ -60,7 +60,7 @@ def test_interpreter_fwd_bwd(case, triton_backend):
 
 
 # path -> (FLASHATTN_TMA, seqlen_q, seqlen_k, the call's mask, expected TMA flag, expected WS flag of the forward,
-# of dK/dV; dQ has none). WS needs whole key tiles (seqlen_k % 128 == 0), dK/dV whole query tiles and no GQA.
+# of the backward's). WS needs whole key tiles (seqlen_k % 128 == 0), the backward whole query tiles, dK/dV no GQA.
 LOAD_PATHS = {"pointers": ("0", 40, 128, dict(causal=True), False, False, False),
               "tma": ("1", 40, 128, dict(window_size=(24, 0)), True, False, False),   # a left window: no WS
               "warp-specialized-fwd": ("1", 40, 128, dict(), True, True, False),
@@ -79,7 +79,7 @@ def test_interpreter_load_paths(path, triton_backend, monkeypatch):
     monkeypatch.setenv("FLASHATTN_TMA", env)
     q, k, v = make_qkv(1, sq, sk, 2, 2, 32, torch.float16, seed=7)   # dK/dV's WS loop: no GQA
     run_and_compare(flash_attn_func, q, k, v, name=path, **mask)
-    for kernel, ws in (("fwd", ws_fwd), ("dkdv", ws_bwd), ("dq", False)):
+    for kernel, ws in (("fwd", ws_fwd), ("dkdv", ws_bwd), ("dq", ws_bwd)):
         used = tb.launch_config(kernel, 32)
         assert bool(used.get("TMA")) == tma and bool(used.get("WS")) == ws, (kernel, used)
 
@@ -201,22 +201,25 @@ WS_GPU_CASES = [(2, 384, 384, 4, 4, 128, dict()), (2, 384, 384, 4, 4, 128, dict(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items()) or "full"))
 def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
     """Every warp-specialized loop on the GPU, also those not yet enabled there (_WS_GPU_CHECKED): the
-    forward (dense, causal, right window) and dK/dV (MHA, whole query tiles), at both WS tile shapes."""
+    forward (dense, causal, right window), dK/dV (MHA, whole query tiles) and dQ (whole query tiles), at two
+    tile shapes each."""
     from flashattn.backends import triton as tb
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("Triton's warp specialization targets Hopper (sm_90)")
     b, sq, sk, h, hk, d, mask = case
-    monkeypatch.setattr(tb, "_WS_GPU_CHECKED", {(k, m) for k in ("fwd", "dkdv") for m in (False, True)})
+    monkeypatch.setattr(tb, "_WS_GPU_CHECKED", {(k, m) for k in ("fwd", "dkdv", "dq") for m in (False, True)})
     bn = 128 if config.startswith("fwd128x128") else 64
     monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
     monkeypatch.setitem(tb.pinned_configs, "dkdv", dict(BLOCK_M=128 // (bn // 32), BLOCK_N=128, num_warps=4, num_stages=2,
                                                        TMA=True, WS=True))
+    monkeypatch.setitem(tb.pinned_configs, "dq", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
     q, k, v = make_qkv(b, sq, sk, h, hk, d, torch.bfloat16, device="cuda", seed=sq + sk + d)
     _poison_cuda_cache()
     run_and_compare(flash_attn_func, q, k, v, **mask)
-    ran = {kernel: tb._last_default[(kernel, d, True, False)] for kernel in ("fwd", "dkdv")}
+    ran = {kernel: tb._last_default[(kernel, d, True, False)] for kernel in ("fwd", "dkdv", "dq")}
     assert ran["fwd"].get("WS"), ran
     assert bool(ran["dkdv"].get("WS")) == (sq % 128 == 0 and h == hk), ran
+    assert bool(ran["dq"].get("WS")) == (sq % 128 == 0), ran
 
 
 @gpu

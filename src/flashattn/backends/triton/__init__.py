@@ -178,7 +178,7 @@ def _default(kernel: str, block_d: int, tma_ok: int = 0):
     shapes still cross block boundaries, with TMA whenever the inputs allow it (the tests cover both paths)."""
     if _interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, **({"TMA": True} if tma_ok else {}),
-                    **({"WS": True} if tma_ok >= 2 and kernel != "dq" else {}))
+                    **({"WS": True} if tma_ok >= 2 else {}))
     if kernel == "fwd_fp8":   # a guess until measured (benchmarks/bench_fp8.py): no register spills on sm_90
         bm, bn, w, s = (128, 128, 8, 3) if block_d <= 128 else (64, 64, 8, 3)
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -503,10 +503,11 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
     level = 0 if fp8 else _tma_level(meta, bt.seqlen_q, bt.seqlen_k, q, k, v, dout)
-    # dK/dV's warp-specialized loop reads whole query tiles, and triton 3.6 specializes it only outside the
-    # GQA group loop (GROUP == 1); dQ has none (its warp specialization fails to compile: NOTES.md)
-    whole = bt.seqlen_q % 128 == 0 and meta["GROUP"] == 1
-    dkdv_level = level if whole and _ws_allowed("dkdv", meta) else min(level, 1)
+    # the warp-specialized loops read whole query tiles (dQ: lse and delta as 1-D tiles), and triton 3.6
+    # specializes dK/dV's only outside the GQA group loop (GROUP == 1)
+    whole = bt.seqlen_q % 128 == 0
+    dkdv_level = level if whole and meta["GROUP"] == 1 and _ws_allowed("dkdv", meta) else min(level, 1)
+    dq_level = level if whole and _ws_allowed("dq", meta) else min(level, 1)
     tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
                  dkdv_level)
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
@@ -518,5 +519,5 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
             block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
             (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, descale, *inputs, *bt.strides(dq),
-             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail[:-1], min(level, 1)), meta, block_mask)
+             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail[:-1], dq_level), meta, block_mask)
     return dq, dk, dv

@@ -663,6 +663,22 @@ def _attn_bwd_dkdv_ws(dk, dv, k, v, Q, DO, Lse, Delta, lo, hi, lim, sm_scale, CA
 
 
 @triton.jit
+def _attn_bwd_dq_ws(dq, q, do, lse2, delta, K, V, hi, lim, sm_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """dQ's warp-specialized key loop (see _attn_fwd_ws, whose mask rule and bounds it shares)."""
+    qk_scale = sm_scale * 1.4426950408889634
+    dij = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None]
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = K.load([start_n, 0])
+        p = tl.math.exp2(tl.dot(q, k.T) * qk_scale - lse2[:, None])
+        if CAUSAL:
+            p = tl.where(dij <= lim - start_n, p, 0.0)
+        ds = p * (tl.dot(do, V.load([start_n, 0]).T) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpTile, Descale,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
@@ -853,10 +869,10 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                  BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TMA: tl.constexpr = False):
+                 TMA: tl.constexpr = False, WS: tl.constexpr = False):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
     Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv.
-    (No warp-specialized loop: triton 3.6's warp specializer fails on this one, benchmarks/NOTES.md.)"""
+    WS: the warp-specialized key loop _attn_bwd_dq_ws (the launcher's conditions: _tma_level)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
@@ -864,18 +880,36 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
     off_hk = (off_h // GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k = _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN)
-    if start_m >= seqlen_q:
-        return
+    if not WS:   # (as in _attn_fwd)
+        if start_m >= seqlen_q:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_ok = offs_m < seqlen_q
+    # rows relative to start_m (see _attn_fwd's WS)
+    rows_ok = tl.arange(0, BLOCK_M) < seqlen_q - start_m
     mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    row_off = q_start + offs_m[:, None]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row_off * stride_qm + offs_d[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row_off * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0)
+    row_off = (q_start + start_m) + tl.arange(0, BLOCK_M)[:, None]
+    lse_base = off_b * stride_lb + off_h * stride_lh + q_start   # Delta has lse's layout
+    if WS:
+        # Every operand from a descriptor: the warp specializer fails (an assertion in WSLowerToken) on a
+        # pointer load of rows it splits between the consumers; lse and delta come as 1-D tiles. WS launches
+        # have whole query tiles and finite lse (_tma_level).
+        q = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
+                                      shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        do = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom,
+                                       shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        lse2 = tl.make_tensor_descriptor(Lse + lse_base, shape=[seqlen_q], strides=[1],
+                                         block_shape=[BLOCK_M]).load([start_m]) * 1.4426950408889634
+        delta = tl.make_tensor_descriptor(Delta + lse_base, shape=[seqlen_q], strides=[1],
+                                          block_shape=[BLOCK_M]).load([start_m])
+    else:
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row_off * stride_qm + offs_d[None, :],
+                    mask=mask, other=0.0)
+        do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row_off * stride_dom + offs_d[None, :],
+                     mask=mask, other=0.0)
     s_scale = sm_scale    # multiplies q·k in the scores
     dq_scale = sm_scale   # multiplies dS K
     dp_scale = 1.0        # multiplies dO Vᵀ
@@ -886,10 +920,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         dq_scale = sm_scale * k_descale
         dp_scale = tl.load(ds + 2)
         q = q.to(DO.dtype.element_ty)
-    lse_off = off_b * stride_lb + off_h * stride_lh + q_start + offs_m   # Delta has lse's layout
-    lse = tl.load(Lse + lse_off, mask=rows_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + lse_off, mask=rows_ok, other=0.0)
+    if not WS:
+        lse_off = lse_base + start_m + tl.arange(0, BLOCK_M)
+        lse = tl.load(Lse + lse_off, mask=rows_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(Delta + lse_off, mask=rows_ok, other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
@@ -904,7 +939,10 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                              HAS_SINK, DROPOUT, HAS_GLOBAL)
-    if BLOCK_SPARSE:   # as in the forward
+    if WS:
+        dq = _attn_bwd_dq_ws(dq, q, do, lse2, delta, K_bh, V_bh, tl.cdiv(bounds[4], BLOCK_N) * BLOCK_N,
+                             start_m + seqlen_k - seqlen_q + right, s_scale, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    elif BLOCK_SPARSE:   # as in the forward
         qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
