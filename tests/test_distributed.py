@@ -518,15 +518,16 @@ def test_zigzag_balances_causal_work():
 
 def test_bench_ring_script_runs_on_cpu(tmp_path):
     """benchmarks/bench_ring.py end to end under torchrun with 2 gloo processes (--device cpu): every
-    method and seqlen gets a row, the one-GPU baseline is measured then extrapolated. No timing checked."""
+    method (hybrid once per --ulysses-degree) and seqlen gets a row, the one-GPU baseline is measured then
+    extrapolated. No timing checked."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "bench_ring.json"
     env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
-    methods = ["ring", "ulysses", "ring-contiguous", "ring-no-overlap"]
+    methods = ["ring", "ulysses", "ring-contiguous", "ring-no-overlap", "hybrid"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            os.path.join(root, "benchmarks", "bench_ring.py"), "--device", "cpu", "--seqlens", "64", "128",
            "--heads", "2", "--hdim", "16", "--single-max", "64", "--reps", "1", "--warmup", "0", "--methods", *methods,
-           "--json", str(path)]
+           "--ulysses-degree", "1", "2", "--json", str(path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:   # once seen on a 2-core machine running two test suites: rendezvous under load
         cmd[cmd.index("--master_port") + 1] = str(_free_port())
@@ -534,8 +535,10 @@ def test_bench_ring_script_runs_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(path.read_text())
     got = {(r["seqlen"], r["method"]): r for r in report["results"]}
-    assert set(got) == {(s, m) for s in (64, 128) for m in methods}
+    rows = methods[:-1] + ["hybrid-u1", "hybrid-u2"]
+    assert set(got) == {(s, m) for s in (64, 128) for m in rows}
     assert all(r["ms"] > 0 and r["efficiency"] > 0 and r["world_size"] == 2 for r in got.values())
+    assert [got[64, m]["ulysses_degree"] for m in ("ring", "hybrid-u1", "hybrid-u2")] == [None, 1, 2]
     assert got[64, "ring"]["single_gpu"] == "measured" and got[128, "ring"]["single_gpu"] == "extrapolated from 64"
     assert "ring-no-overlap" in done.stdout
 
