@@ -253,7 +253,7 @@ ERROR_CASES = {
         rf"nheads of k/v \(1\) is not divisible by ulysses_degree \({world}\).* repeat the k/v heads"),
     "hybrid-options-without-method-hybrid": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), ulysses_degree=1), ValueError,
-        r"ulysses_degree is for method='hybrid', but method='ring'; pass method='hybrid' or leave ulysses_degree out") and
+        r"ulysses_degree is for method='hybrid', but method='ring'; pass method='hybrid' or leave ulysses_degree") and
     _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="ulysses", groups=groups["hybrid"]),
                   ValueError, r"groups is for method='hybrid', but method='ulysses'"),
     "hybrid-needs-degree-or-groups": lambda rank, world, groups: _expect_error(
@@ -266,9 +266,9 @@ ERROR_CASES = {
     "hybrid-groups-and-degree-disagree": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2 * world, 2 * world), method="hybrid", groups=groups["hybrid"],
                                      ulysses_degree=1 if dist.get_world_size(groups["hybrid"].ulysses) > 1 else world),
-        ValueError, r"ulysses_degree \(\d+\) differs from the size of groups.ulysses \(\d+\); pass one of them") and _expect_error(
-        lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid", groups=(None, None)), ValueError,
-        r"groups must be the HybridGroups that hybrid_groups\(ulysses_degree, group\) returns, got tuple"),
+        ValueError, r"ulysses_degree \(\d+\) differs from the size of groups.ulysses \(\d+\); pass one of them") and
+    _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid", groups=(None, None)), ValueError,
+                  r"groups must be the HybridGroups that hybrid_groups\(ulysses_degree, group\) returns, got tuple"),
     "hybrid-swapped-groups": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 4, 4), method="hybrid",
                                      groups=HybridGroups(groups["hybrid"].ring, groups["hybrid"].ulysses)), ValueError,
