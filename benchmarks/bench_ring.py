@@ -1,8 +1,8 @@
-"""Context parallelism on N GPUs: ring (zigzag) and Ulysses attention, forward+backward, causal.
+"""Context parallelism on N GPUs: ring (zigzag), Ulysses and hybrid attention, forward+backward, causal.
 
     torchrun --nproc_per_node N benchmarks/bench_ring.py [--seqlens 131072 262144 524288 1048576]
-        [--heads 32] [--kv-heads 32] [--hdim 128] [--methods ring ulysses] [--reps 2]
-        [--single-max 524288] [--json bench_ring.json] [--autotune]
+        [--heads 32] [--kv-heads 32] [--hdim 128] [--methods ring ulysses hybrid] [--ulysses-degree 2 4]
+        [--reps 2] [--single-max 524288] [--json bench_ring.json] [--autotune]
 
 Run from the repository root with PYTHONPATH=src (or flashattn installed). NCCL, one GPU per process,
 bf16, batch 1, causal. Each rank holds total_seqlen / N tokens (random shards: the values do not change
@@ -18,7 +18,9 @@ efficiency
 
 Methods: ring (zigzag layout, transfers overlapped), ulysses (all-to-all), ring-contiguous (contiguous
 layout: causal work unbalanced across ranks), ring-no-overlap (zigzag, each transfer completed before
-the step's attention: the difference to ring is the communication that overlap hides).
+the step's attention: the difference to ring is the communication that overlap hides), hybrid (zigzag,
+Ulysses groups of U consecutive ranks and a ring of N / U between them: one row hybrid-uU per
+--ulysses-degree U, each dividing N, --heads and --kv-heads; groups made once with hybrid_groups).
 Autotuning is off by default (FLASHATTN_AUTOTUNE=0; the H200 sweep's configurations), because a tuning
 run at these sizes is a full multi-second kernel per config; --autotune turns it on.
 Rough run time at the defaults on H200s (≈ 350 TFLOP/s fwd+bwd): 2 GPUs ≈ 7–8 minutes, most of it at 1M
@@ -38,7 +40,9 @@ ap.add_argument("--heads", type=int, default=32)
 ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
 ap.add_argument("--hdim", type=int, default=128)
 ap.add_argument("--methods", nargs="+", default=["ring", "ulysses"],
-                choices=["ring", "ulysses", "ring-contiguous", "ring-no-overlap"])
+                choices=["ring", "ulysses", "ring-contiguous", "ring-no-overlap", "hybrid"])
+ap.add_argument("--ulysses-degree", type=int, nargs="+", default=[2],
+                help="method hybrid: the Ulysses group sizes to run (one row each)")
 ap.add_argument("--warmup", type=int, default=1)
 ap.add_argument("--reps", type=int, default=2)
 ap.add_argument("--single-max", type=int, default=524288,
@@ -57,15 +61,16 @@ import torch.distributed as dist  # noqa: E402
 from flashattn import flash_attn_func  # noqa: E402
 from flashattn.bench.environment import describe  # noqa: E402
 from flashattn.distributed import ring as ring_module  # noqa: E402
-from flashattn.distributed import ring_flash_attn_func  # noqa: E402
+from flashattn.distributed import hybrid_groups, ring_flash_attn_func  # noqa: E402
 from flashattn.flops import attention_flops  # noqa: E402
 
-METHODS = {   # name -> (method, layout, overlap)
+METHODS = {   # name -> (method, layout, overlap); hybrid-uU rows are added by main
     "ring": ("ring", "zigzag", True),
     "ulysses": ("ulysses", "zigzag", True),
     "ring-contiguous": ("ring", "contiguous", True),
     "ring-no-overlap": ("ring", "zigzag", False),
 }
+GROUPS = {}   # hybrid row name -> HybridGroups
 
 
 def sync():
@@ -135,7 +140,8 @@ def measure(name, total, world, rank, device):
     q, k, v, dout = inputs(total // world, device, seed=1 + rank)
 
     def step(first):
-        out = ring_flash_attn_func(q, k, v, causal=True, layout=layout, method=method, validate=first)
+        out = ring_flash_attn_func(q, k, v, causal=True, layout=layout, method=method, validate=first,
+                                   groups=GROUPS.get(name))
         torch.autograd.grad(out, (q, k, v), dout)
 
     ring_module.OVERLAP = overlap
@@ -155,6 +161,19 @@ def main():
         device = torch.device("cpu")
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    names = []
+    for name in args.methods:
+        if name != "hybrid":
+            names.append(name)
+            continue
+        for u in args.ulysses_degree:
+            hk = args.kv_heads or args.heads
+            if world % u or args.heads % u or hk % u:
+                raise SystemExit(f"--ulysses-degree {u} must divide the world size ({world}), --heads ({args.heads}) "
+                                 f"and --kv-heads ({hk})")
+            names.append(f"hybrid-u{u}")
+            METHODS[names[-1]] = ("hybrid", "zigzag", True)
+            GROUPS[names[-1]] = hybrid_groups(u)   # every rank, in the same order
     env = describe(args.device)
     env["world_size"] = world
     if args.device == "cuda":
@@ -182,7 +201,7 @@ def main():
         t1 = single[ref_s] * (total / ref_s) ** 2 if ref_s else None
         t1_kind = "measured" if ref_s == total else (f"extrapolated from {ref_s}" if ref_s else "none")
         flops = attention_flops(1, args.heads, total, total, args.hdim, causal=True, mode="fwd_bwd")
-        for name in args.methods:
+        for name in names:
             ms, peak = measure(name, total, world, rank, device)
             empty_cache()
             stats = torch.tensor([ms, -1.0 if peak is None else peak], device=device, dtype=torch.float64)
@@ -190,7 +209,8 @@ def main():
             ms, peak = stats.tolist()
             peak = None if peak < 0 else peak
             method, layout, overlap = METHODS[name]
-            row = dict(seqlen=total, method=name, layout=layout, overlap=overlap, world_size=world, ms=ms,
+            row = dict(seqlen=total, method=name, layout=layout, overlap=overlap, world_size=world,
+                       ulysses_degree=dist.get_world_size(GROUPS[name].ulysses) if name in GROUPS else None, ms=ms,
                        tflops_per_gpu=flops / world / (ms * 1e-3) / 1e12, peak_gib=peak,
                        single_gpu_ms=t1, single_gpu=t1_kind,
                        efficiency=(t1 / (world * ms)) if t1 else None)

@@ -1,8 +1,10 @@
-"""flashattn.distributed: ring and Ulysses attention against the single-process reference on the full sequence.
+"""flashattn.distributed: ring, Ulysses and hybrid attention against the single-process reference on the full
+sequence.
 
-One spawned process group per world size (2 and 3 gloo processes on the CPU; 2 NCCL processes on 2 GPUs
-for the `gpu` tier) runs every case of CASES and ERROR_CASES and reports each case's outcome per rank;
-the tests below read those reports (spawning is the slow part, so it happens once per world size).
+One spawned process group per world size (2 and 3 gloo processes on the CPU, 4 and 8 for the hybrid cases;
+2 NCCL processes on 2 GPUs for the `gpu` tier) runs the cases of CASES and ERROR_CASES that apply at its
+size and reports each case's outcome per rank; the tests below read those reports (spawning is the slow
+part, so it happens once per world size and list of cases).
 Each rank shards the full inputs (flashattn.distributed.shard), runs forward and backward on its shard,
 and compares its shard of out, lse, dq, dk, dv with the same shard of the float64 reference under
 design.md's rule, `pt` being the naive math in the inputs' dtype.
@@ -25,12 +27,15 @@ from helpers import check_close, make_qkv, reference_results
 
 from flashattn import choose_backend, masks
 from flashattn.distributed import ring as ring_module
-from flashattn.distributed import (ring_flash_attn_func, ring_flash_attn_varlen_func, shard, unshard, zigzag_shard,
-                                   zigzag_unshard)
-from flashattn.distributed.layout import chunks_per_rank, pieces
+from flashattn.distributed import (HybridGroups, hybrid_groups, ring_flash_attn_func, ring_flash_attn_varlen_func,
+                                   shard, unshard, zigzag_shard, zigzag_unshard)
+from flashattn.distributed.layout import chunks_per_rank, group_permutation, permutation, pieces
 
 # name -> options. chunk: tokens per chunk of the layout (the full seqlen is chunk · chunks_per_rank · world);
-# lens: full sequence lengths of a packed batch, in chunks; sub: run on the process group SUBGROUP[world].
+# lens: full sequence lengths of a packed batch, in chunks; sub: run on the process group SUBGROUP[world];
+# u: ulysses_degree of method='hybrid' (an int or "w", the world size; the case runs where it divides the
+# world); groups: pass the prebuilt groups GROUPS[...] instead of ulysses_degree; same_as: also run that
+# method and require the same result (bitwise for 'ring', within 1e-6 for 'ulysses').
 CASES = {
     "ring-zigzag-causal": dict(method="ring", layout="zigzag", causal=True),
     "ring-zigzag-full": dict(method="ring", layout="zigzag"),
@@ -52,14 +57,48 @@ CASES = {
                                              h="2w", hk="2w"),
     "ulysses-varlen-zigzag-causal": dict(method="ulysses", layout="zigzag", causal=True, lens=[3, 1, 2], h="w",
                                          hk="w"),
+    "hybrid-zigzag-causal-gqa": dict(method="hybrid", u=2, layout="zigzag", causal=True, h=4, hk=2),
+    "hybrid-zigzag-full": dict(method="hybrid", u=2, layout="zigzag"),
+    "hybrid-contiguous-causal": dict(method="hybrid", u=2, layout="contiguous", causal=True),
+    "hybrid-contiguous-full-window-no-lse": dict(method="hybrid", u=2, layout="contiguous", window=(3, 2), lse=False),
+    "hybrid-zigzag-causal-window": dict(method="hybrid", u=2, layout="zigzag", causal=True, window=(4, 0)),
+    "hybrid-zigzag-causal-f64-scale": dict(method="hybrid", u=2, layout="zigzag", causal=True, h=6, hk=2,
+                                           dtype=torch.float64, scale=0.3),
+    "hybrid-varlen-zigzag-causal": dict(method="hybrid", u=2, layout="zigzag", causal=True, lens=[3, 0, 1, 4], h=4,
+                                        hk=2),
+    "hybrid-varlen-contiguous-window": dict(method="hybrid", u=2, layout="contiguous", window=(3, 1), lens=[5, 2, 7]),
+    "hybrid-prebuilt-groups-zigzag-causal": dict(method="hybrid", u=2, groups="hybrid", layout="zigzag", causal=True,
+                                                 h=4, hk=2),
+    "hybrid-subgroup-prebuilt-groups": dict(method="hybrid", u=2, groups="hybrid-sub", sub=True, layout="zigzag",
+                                            causal=True),
+    "hybrid-u4-zigzag-causal": dict(method="hybrid", u=4, layout="zigzag", causal=True, h=4, hk=4),
+    "hybrid-u1-same-as-ring": dict(method="hybrid", u=1, layout="zigzag", causal=True, h=4, hk=2, same_as="ring"),
+    "hybrid-uw-same-as-ulysses": dict(method="hybrid", u="w", layout="zigzag", causal=True, h="2w", hk="w",
+                                      same_as="ulysses"),
 }
 SUBGROUP = {2: [1], 3: [0, 2], 4: [1, 3], 8: [0, 3, 5]}   # a group of one rank (world size 1), groups that skip ranks
 GPU_CASES = ["ring-zigzag-causal-gqa", "ring-contiguous-full-no-lse", "ring-zigzag-window", "ring-varlen-zigzag-causal",
-             "ulysses-zigzag-causal-gqa", "ulysses-varlen-zigzag-causal"]
+             "ulysses-zigzag-causal-gqa", "ulysses-varlen-zigzag-causal", "hybrid-zigzag-causal-gqa"]
 
 
 def _heads(x, world):
     return {"w": world, "2w": 2 * world}.get(x, x) if isinstance(x, str) else x
+
+
+def _applies(name, world) -> bool:
+    """Whether case `name` runs in a group of `world` processes (a hybrid case where its degree divides
+    the size of the group it runs on)."""
+    c = CASES.get(name, {})
+    if "u" in c:
+        size = len(SUBGROUP[world]) if c.get("sub") else world
+        return size % _heads(c["u"], size) == 0
+    return world >= 4 and world % 2 == 0 if name == "hybrid-swapped-groups" else True
+
+
+def _prebuilt_groups(world, sub):
+    """The prebuilt HybridGroups the cases name, made by every process in the same order."""
+    u_sub = 2 if len(SUBGROUP[world]) % 2 == 0 else 1
+    return {"hybrid": hybrid_groups(2 if world % 2 == 0 else 1), "hybrid-sub": hybrid_groups(u_sub, sub)}
 
 
 def _full_inputs(c, world, device, seed):
@@ -99,12 +138,12 @@ def _run_case(name, rank, world, groups, device):
     if "backend" in c and device == "cpu":   # the Triton kernels under the interpreter (conftest sets TRITON_INTERPRET)
         os.environ["FLASHATTN_BACKEND"] = c["backend"]
     try:
-        return _check_case(name, c, rank, world, group, device)
+        return _check_case(name, c, rank, world, group, groups, device)
     finally:
         os.environ.pop("FLASHATTN_BACKEND", None)
 
 
-def _check_case(name, c, rank, world, group, device):
+def _check_case(name, c, rank, world, group, groups, device):
     q, k, v, dout, cu = _full_inputs(c, world, device, seed=len(name))
     layout, varlen = c["layout"], cu is not None
     opts = dict(causal=c.get("causal", False), window_size=c.get("window", (-1, -1)), softmax_scale=c.get("scale"))
@@ -118,17 +157,33 @@ def _check_case(name, c, rank, world, group, device):
     if "backend" in c:
         assert choose_backend(qs) == c["backend"], f"expected the {c['backend']} backend, got {choose_backend(qs)}"
     kwargs = dict(opts, group=group, layout=layout, method=c["method"], return_lse=c.get("lse", True))
-    if varlen:
-        res = ring_flash_attn_varlen_func(qs, ks, vs, cu, max(torch.diff(cu).tolist()), **kwargs)
-    else:
-        res = ring_flash_attn_func(qs, ks, vs, **kwargs)
-    if c.get("lse", True):
-        out, lse = res
-        ours = {"out": out, "lse": lse}
-    else:
-        assert isinstance(res, torch.Tensor), f"return_lse=False must return out alone, got {type(res).__name__}"
-        out, ours = res, {"out": res}
-    ours.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (qs, ks, vs), mine(dout))))
+    if "groups" in c:
+        kwargs["groups"] = groups[c["groups"]]
+    elif "u" in c:
+        kwargs["ulysses_degree"] = _heads(c["u"], world)
+
+    def run(**kw):
+        leaves = [x.detach().requires_grad_() for x in (qs, ks, vs)]
+        if varlen:
+            res = ring_flash_attn_varlen_func(*leaves, cu, max(torch.diff(cu).tolist()), **kw)
+        else:
+            res = ring_flash_attn_func(*leaves, **kw)
+        if c.get("lse", True):
+            out, lse = res
+            got = {"out": out, "lse": lse}
+        else:
+            assert isinstance(res, torch.Tensor), f"return_lse=False must return out alone, got {type(res).__name__}"
+            out, got = res, {"out": res}
+        got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, mine(dout))))
+        return got
+
+    ours = run(**kwargs)
+    if "same_as" in c:   # hybrid at degree 1 is the ring, at degree W Ulysses
+        theirs = run(**dict(kwargs, method=c["same_as"], ulysses_degree=None))
+        for key, x in ours.items():
+            same = torch.equal(x, theirs[key]) if c["same_as"] == "ring" else torch.allclose(x, theirs[key], atol=1e-6)
+            assert same, f"{name} rank {rank} {key}: differs from method={c['same_as']!r} by " \
+                         f"{(x - theirs[key]).abs().max().item():.3g}"
     grad_scale = max(ref[g].abs().max().item() for g in ("dq", "dk", "dv"))
     for key, x in ours.items():
         dim = (1 if varlen else 2) if key == "lse" else (0 if varlen else 1)
@@ -154,35 +209,78 @@ def _dense(b, s, h, hk, d=16, seed=0):
 
 # name -> fn(rank, world) run on every rank; each must raise the same way on every rank, never hang.
 ERROR_CASES = {
-    "seqlen-differs-across-ranks": lambda rank, world: _expect_error(
+    "seqlen-differs-across-ranks": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4 if rank else 6, 2, 2), layout="contiguous"), ValueError,
         r"local seqlen \(rows of q\) differs across the ranks of the group \(rank 0: 6, rank 1: 4"),
-    "causal-differs-across-ranks": lambda rank, world: _expect_error(
+    "causal-differs-across-ranks": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), causal=rank == 0), ValueError, r"causal differs"),
-    "one-rank-passes-3d-q": lambda rank, world: _expect_error(
+    "one-rank-passes-3d-q": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*((lambda q, k, v: (q[0], k, v) if rank == 1 else (q, k, v))(*_dense(1, 4, 2, 2)))),
         ValueError, r"q must have 4 dimensions" if rank == 1 else r"rank\(s\) \[1\] of the group rejected"),
-    "ulysses-heads-not-divisible": lambda rank, world: _expect_error(
+    "ulysses-heads-not-divisible": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, world + 1, 1), method="ulysses"), ValueError,
         rf"nheads of q \({world + 1}\) is not divisible by the world size \({world}\); use method='ring'"),
-    "ulysses-kv-heads-not-divisible": lambda rank, world: _expect_error(
+    "ulysses-kv-heads-not-divisible": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2 * world, 1), method="ulysses"), ValueError,
         r"nheads of k/v \(1\) is not divisible .* repeat the k/v heads"),
-    "zigzag-needs-two-chunks-per-rank": lambda rank, world: _expect_error(
+    "zigzag-needs-two-chunks-per-rank": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 3, 2, 2), layout="zigzag"), ValueError,
         rf"has {3 * world} tokens, which does not divide into layout='zigzag'.s {2 * world} chunks"),
-    "bad-layout-and-method": lambda rank, world: _expect_error(
+    "bad-layout-and-method": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), layout="striped"), ValueError,
         r"layout must be one of \('zigzag', 'contiguous'\)") and _expect_error(
         lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="allgather"), ValueError,
-        r"method must be 'ring' .* or 'ulysses'"),
-    "varlen-cu-seqlens-is-global": lambda rank, world: _expect_error(
+        r"method must be 'ring' .*, 'ulysses' .* or 'hybrid'"),
+    "varlen-cu-seqlens-is-global": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_varlen_func(*(x[0] for x in _dense(1, 4, 2, 2)),
                                             torch.tensor([0, 4], dtype=torch.int32), 4, layout="contiguous"),
         ValueError, rf"cu_seqlens ends at 4 tokens, but this rank's shard q has 4 rows and world_size is {world}"),
-    "k-seqlen-differs-from-q": lambda rank, world: _expect_error(
+    "k-seqlen-differs-from-q": lambda rank, world, groups: _expect_error(
         lambda: ring_flash_attn_func(_dense(1, 4, 2, 2)[0], *_dense(1, 6, 2, 2)[1:], layout="contiguous"),
         ValueError, r"k and v must have q's local seqlen \(4\)"),
+    "hybrid-degree-not-dividing-world": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid", ulysses_degree=world + 1), ValueError,
+        rf"ulysses_degree \({world + 1}\) must divide the world size \({world}\).* use one of \[1, .*{world}\]") and
+    _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid", ulysses_degree=0), ValueError,
+                  r"ulysses_degree must be a positive int .* got 0"),
+    "hybrid-heads-not-divisible": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, world + 1, 1), method="hybrid", ulysses_degree=world), ValueError,
+        rf"nheads of q \({world + 1}\) is not divisible by ulysses_degree \({world}\); use a ulysses_degree"),
+    "hybrid-kv-heads-not-divisible": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_varlen_func(*(x[0] for x in _dense(1, 4, 2 * world, 1)),
+                                            torch.tensor([0, 4 * world], dtype=torch.int32), 4 * world,
+                                            method="hybrid", ulysses_degree=world, layout="contiguous"), ValueError,
+        rf"nheads of k/v \(1\) is not divisible by ulysses_degree \({world}\).* repeat the k/v heads"),
+    "hybrid-options-without-method-hybrid": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), ulysses_degree=1), ValueError,
+        r"ulysses_degree is for method='hybrid', but method='ring'; pass method='hybrid' or leave ulysses_degree") and
+    _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="ulysses", groups=groups["hybrid"]),
+                  ValueError, r"groups is for method='hybrid', but method='ulysses'"),
+    "hybrid-needs-degree-or-groups": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid"), ValueError,
+        r"method='hybrid' needs ulysses_degree=U .* or groups=hybrid_groups\(U, group\)"),
+    "hybrid-degree-differs-across-ranks": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 2 * world, 2 * world), method="hybrid",
+                                     ulysses_degree=1 if rank == 0 else world), ValueError,
+        rf"ulysses_degree \(0: not hybrid\) differs across the ranks of the group \(rank 0: 1, rank 1: {world}"),
+    "hybrid-groups-and-degree-disagree": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 2 * world, 2 * world), method="hybrid", groups=groups["hybrid"],
+                                     ulysses_degree=1 if dist.get_world_size(groups["hybrid"].ulysses) > 1 else world),
+        ValueError, r"ulysses_degree \(\d+\) differs from the size of groups.ulysses \(\d+\); pass one of them") and
+    _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), method="hybrid", groups=(None, None)), ValueError,
+                  r"groups must be the HybridGroups that hybrid_groups\(ulysses_degree, group\) returns, got tuple"),
+    "hybrid-swapped-groups": lambda rank, world, groups: _expect_error(
+        lambda: ring_flash_attn_func(*_dense(1, 4, 4, 4), method="hybrid",
+                                     groups=HybridGroups(groups["hybrid"].ring, groups["hybrid"].ulysses)), ValueError,
+        r"groups do not match group .* not the grid that hybrid_groups\(ulysses_degree, group\) makes"),
+    "hybrid-subgroup-needs-groups": lambda rank, world, groups: "skipped" if rank not in SUBGROUP[world] else
+    _expect_error(lambda: ring_flash_attn_func(*_dense(1, 4, 2, 2), group=groups["sub"], method="hybrid",
+                                               ulysses_degree=1), ValueError,
+                  r"method='hybrid' on a subgroup needs groups=hybrid_groups\(ulysses_degree, group\)"),
+    "hybrid-groups-bad-degree": lambda rank, world, groups: _expect_error(
+        lambda: hybrid_groups(world + 1), ValueError, rf"ulysses_degree \({world + 1}\) must divide the world size") and
+    _expect_error(lambda: hybrid_groups(1 if rank == 0 else world), ValueError,
+                  rf"hybrid_groups: ulysses_degree differs across the processes \(process 0: 1, process 1: {world}"),
 }
 
 
@@ -214,13 +312,14 @@ def _worker(rank, world, port, out_dir, backend, names):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=int(os.environ.get("FLASHATTN_TEST_DIST_TIMEOUT", "120"))))
     groups = {"sub": dist.new_group(SUBGROUP[world])}   # every rank takes part in new_group
+    groups.update(_prebuilt_groups(world, groups["sub"]))
     report = {}
     for name in names:
         try:
             if name in CASES:
                 report[name] = _run_case(name, rank, world, groups, device)
             elif name in ERROR_CASES:
-                report[name] = ERROR_CASES[name](rank, world)
+                report[name] = ERROR_CASES[name](rank, world, groups)
             else:
                 report[name] = _same_every_time(rank, world, groups, device)
         except Exception:   # reported per case; the other cases still run
@@ -248,16 +347,25 @@ def spawn_group(world: int, out_dir: str, backend: str, names) -> dict:
 
 
 ALL_NAMES = list(CASES) + list(ERROR_CASES) + ["deterministic-and-without-overlap"]
+HYBRID_NAMES = [n for n in ALL_NAMES if n.startswith("hybrid-")]
+
+
+def _pairs(worlds, names):
+    return [(w, n) for w in worlds for n in names if _applies(n, w)]
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
+    """reports(world, names): {name: {rank: outcome}} of the names that apply at world, one spawn per
+    (world, names)."""
     cache = {}
 
-    def get(world):
-        if world not in cache:
-            cache[world] = spawn_group(world, str(tmp_path_factory.mktemp(f"world{world}")), "gloo", ALL_NAMES)
-        return cache[world]
+    def get(world, names=ALL_NAMES):
+        key = (world, tuple(names))
+        if key not in cache:
+            cache[key] = spawn_group(world, str(tmp_path_factory.mktemp(f"world{world}")), "gloo",
+                                     [n for n in names if _applies(n, world)])
+        return cache[key]
     return get
 
 
@@ -267,17 +375,22 @@ def _assert_ok(outcomes):
     assert "ok" in outcomes.values()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("world, name", _pairs([2, 3], ALL_NAMES))
 def test_distributed_on_cpu(reports, world, name):
     _assert_ok(reports(world)[name])
 
 
+@pytest.mark.parametrize("name", [n for n in HYBRID_NAMES if _applies(n, 4)])
+def test_hybrid_on_4_cpu_ranks(reports, name):
+    """method='hybrid' on a 2 x 2 grid (ulysses_degree 2, ring of 2; the u4 case is Ulysses-only) and its errors."""
+    _assert_ok(reports(4, HYBRID_NAMES)[name])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [4, 8])
-@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("world, name", _pairs([4, 8], ALL_NAMES))
 def test_distributed_on_cpu_4_and_8_ranks(reports, world, name):
-    """The same cases at the world sizes of the 4- and 8-GPU issue, on gloo (correctness only)."""
+    """The same cases at the world sizes of the 4- and 8-GPU issue, on gloo (correctness only); at 8 the hybrid
+    cases run on 2 x 4 and 4 x 2 grids (8 processes take ~35 s to start on 2 cores, hence slow)."""
     _assert_ok(reports(world)[name])
 
 
@@ -319,6 +432,23 @@ def test_shard_packed_batch_shards_each_sequence():
     assert s1 == [2, 3, 4, 5, 11, 12, 13, 14, 15, 16]
     assert torch.equal(zigzag_unshard([zigzag_shard(x, r, 2, dim=0, cu_seqlens=cu) for r in range(2)], dim=0,
                                       cu_seqlens=cu), x)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world, u", [(4, 2), (8, 2), (8, 4), (6, 3), (6, 2), (4, 1), (4, 4)])
+def test_group_permutation_gives_the_ring_level_shard(layout, world, u):
+    """The shards of Ulysses group g (ranks g·U … g·U+U-1), concatenated in rank order and put in
+    group_permutation's order, are shard g of the same layout over world / U ranks (packed batch too)."""
+    lengths = [3 * chunks_per_rank(layout) * world, 0, chunks_per_rank(layout) * world]
+    x = torch.arange(sum(lengths)).float()[:, None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    for g in range(world // u):
+        held = torch.cat([shard(x, r, world, layout, dim=0, cu_seqlens=cu) for r in range(g * u, (g + 1) * u)])
+        perm = group_permutation(layout, world, u, g, lengths)
+        ring_level = torch.empty_like(held).index_copy_(0, perm, held)
+        assert torch.equal(ring_level, shard(x, g, world // u, layout, dim=0, cu_seqlens=cu)), (g, perm.tolist())
+    assert torch.equal(group_permutation(layout, world, world, 0, lengths), permutation(layout, world, lengths))
+    assert torch.equal(group_permutation(layout, world, 1, 1, lengths), torch.arange(sum(lengths) // world))
 
 
 def test_shard_is_differentiable():
@@ -388,15 +518,16 @@ def test_zigzag_balances_causal_work():
 
 def test_bench_ring_script_runs_on_cpu(tmp_path):
     """benchmarks/bench_ring.py end to end under torchrun with 2 gloo processes (--device cpu): every
-    method and seqlen gets a row, the one-GPU baseline is measured then extrapolated. No timing checked."""
+    method (hybrid once per --ulysses-degree) and seqlen gets a row, the one-GPU baseline is measured then
+    extrapolated. No timing checked."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "bench_ring.json"
     env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), OMP_NUM_THREADS="1")
-    methods = ["ring", "ulysses", "ring-contiguous", "ring-no-overlap"]
+    methods = ["ring", "ulysses", "ring-contiguous", "ring-no-overlap", "hybrid"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            os.path.join(root, "benchmarks", "bench_ring.py"), "--device", "cpu", "--seqlens", "64", "128",
            "--heads", "2", "--hdim", "16", "--single-max", "64", "--reps", "1", "--warmup", "0", "--methods", *methods,
-           "--json", str(path)]
+           "--ulysses-degree", "1", "2", "--json", str(path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:   # once seen on a 2-core machine running two test suites: rendezvous under load
         cmd[cmd.index("--master_port") + 1] = str(_free_port())
@@ -404,8 +535,10 @@ def test_bench_ring_script_runs_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(path.read_text())
     got = {(r["seqlen"], r["method"]): r for r in report["results"]}
-    assert set(got) == {(s, m) for s in (64, 128) for m in methods}
+    rows = methods[:-1] + ["hybrid-u1", "hybrid-u2"]
+    assert set(got) == {(s, m) for s in (64, 128) for m in rows}
     assert all(r["ms"] > 0 and r["efficiency"] > 0 and r["world_size"] == 2 for r in got.values())
+    assert [got[64, m]["ulysses_degree"] for m in ("ring", "hybrid-u1", "hybrid-u2")] == [None, 1, 2]
     assert got[64, "ring"]["single_gpu"] == "measured" and got[128, "ring"]["single_gpu"] == "extrapolated from 64"
     assert "ring-no-overlap" in done.stdout
 

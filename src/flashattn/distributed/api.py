@@ -1,4 +1,5 @@
-"""Public functions of flashattn.distributed: checks, the comparison across ranks, dispatch to ring or Ulysses."""
+"""Public functions of flashattn.distributed: checks, the comparison across ranks, dispatch to ring, Ulysses
+or hybrid."""
 from __future__ import annotations
 
 import numbers
@@ -11,11 +12,12 @@ import torch.distributed as dist
 
 from .. import masks
 from ..api import _check_options, _check_qkv, _check_tensor
+from .hybrid import cached_groups, check_degree, check_groups, hybrid_attention
 from .layout import LAYOUTS, check_lengths
 from .ring import RingAttention
 from .ulysses import ulysses_attention
 
-METHODS = ("ring", "ulysses")
+METHODS = ("ring", "ulysses", "hybrid")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # What every rank of the group must agree on, in the order of the signature; how to show a value.
@@ -31,6 +33,7 @@ _FIELDS: List[Tuple[str, Callable[[int], str]]] = [
     ("window_size[1]", str),
     ("layout", lambda i: repr(LAYOUTS[i])),
     ("method", lambda i: repr(METHODS[i])),
+    ("ulysses_degree (0: not hybrid)", str),
     ("softmax_scale", lambda i: repr(struct.unpack("<d", struct.pack("<q", i))[0])),
     ("cu_seqlens (crc32 of the values)", hex),
 ]
@@ -52,12 +55,47 @@ def _check_common(q, softmax_scale, window_size, layout, method, batch: int) -> 
         raise ValueError(f"layout must be one of {LAYOUTS} (how the caller's shards were cut: zigzag_shard or "
                          f"contiguous chunks), got {layout!r}")
     if method not in METHODS:
-        raise ValueError(f"method must be 'ring' (key/value shards travel around the ranks) or 'ulysses' "
-                         f"(all-to-all between the sequence and the head split), got {method!r}")
+        raise ValueError(f"method must be 'ring' (key/value shards travel around the ranks), 'ulysses' "
+                         f"(all-to-all between the sequence and the head split) or 'hybrid' (Ulysses groups of "
+                         f"ulysses_degree ranks, a ring between them), got {method!r}")
     return _check_options(batch, q.shape[-2], q.shape[-1], q.device, 0.0, softmax_scale, window_size, 0.0, None)
 
 
-def _check_heads(method: str, nheads: int, nheads_k: int, world: int) -> None:
+def _check_hybrid(method: str, ulysses_degree, groups, group, world: int) -> int:
+    """The Ulysses degree U of a hybrid call (checked; groups, if given, checked against it), 0 otherwise."""
+    if method != "hybrid":
+        for name, x in (("ulysses_degree", ulysses_degree), ("groups", groups)):
+            if x is not None:
+                raise ValueError(f"{name} is for method='hybrid', but method={method!r}; pass method='hybrid' "
+                                 f"or leave {name} out")
+        return 0
+    if ulysses_degree is None and groups is None:
+        raise ValueError("method='hybrid' needs ulysses_degree=U (ranks per Ulysses group, dividing the world "
+                         "size and the head counts) or groups=hybrid_groups(U, group)")
+    if ulysses_degree is not None:
+        check_degree(ulysses_degree, world)
+    if groups is not None:
+        return check_groups(groups, group, ulysses_degree)
+    if world != dist.get_world_size():
+        raise ValueError("method='hybrid' on a subgroup needs groups=hybrid_groups(ulysses_degree, group), made "
+                         "on every process of the job (dist.new_group is collective over all of them); with "
+                         "ulysses_degree alone the groups are made on the first call, which works only when "
+                         "group is the whole world")
+    return ulysses_degree
+
+
+def _check_heads(method: str, nheads: int, nheads_k: int, world: int, degree: int) -> None:
+    if method == "hybrid":
+        if nheads % degree:
+            raise ValueError(f"method='hybrid' gives each rank nheads / ulysses_degree heads, but nheads of q "
+                             f"({nheads}) is not divisible by ulysses_degree ({degree}); use a ulysses_degree "
+                             f"that divides it, or method='ring'")
+        if nheads_k % degree:
+            raise ValueError(f"method='hybrid' gives each rank nheads_k / ulysses_degree key/value heads, but nheads "
+                             f"of k/v ({nheads_k}) is not divisible by ulysses_degree ({degree}); use a "
+                             f"ulysses_degree that divides it, or repeat the k/v heads "
+                             f"(k.repeat_interleave(r, dim=-2), v likewise) to a multiple of ulysses_degree")
+        return
     if method != "ulysses":
         return
     if nheads % world:
@@ -70,9 +108,10 @@ def _check_heads(method: str, nheads: int, nheads_k: int, world: int) -> None:
                          f"that divides nheads ({nheads})")
 
 
-def _signature(batch, rows, q, k, causal, left, right, layout, method, scale, cu: Optional[List[int]]) -> List[int]:
+def _signature(batch, rows, q, k, causal, left, right, layout, method, degree, scale,
+               cu: Optional[List[int]]) -> List[int]:
     return [batch, rows, q.shape[-2], k.shape[-2], q.shape[-1], _DTYPES.index(q.dtype), int(causal), left, right,
-            LAYOUTS.index(layout), METHODS.index(method), struct.unpack("<q", struct.pack("<d", scale))[0],
+            LAYOUTS.index(layout), METHODS.index(method), degree, struct.unpack("<q", struct.pack("<d", scale))[0],
             0 if cu is None else zlib.crc32(str(cu).encode())]
 
 
@@ -106,16 +145,20 @@ def _agree(local: Callable[[], Tuple[List[int], tuple]], group, fn: str, validat
     return values
 
 
-def _run(q, k, v, cu: List[int], scale, causal, left, right, layout, method, deterministic, group):
+def _run(q, k, v, cu: List[int], scale, causal, left, right, layout, method, deterministic, group, degree, groups):
     lengths = tuple(b - a for a, b in zip(cu, cu[1:]))
     if method == "ring":
         return RingAttention.apply(q, k, v, lengths, layout, scale, left, right, group)
+    if method == "hybrid":
+        groups = groups if groups is not None else cached_groups(degree, group)
+        return hybrid_attention(q, k, v, lengths, layout, scale, left, right, dist.get_world_size(group), groups)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
     return ulysses_attention(q, k, v, cu_t, lengths, layout, scale, causal, (left, right), deterministic, group)
 
 
 def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, window_size=(-1, -1),
-                         deterministic=False, return_lse=False, layout="zigzag", method="ring", validate=True):
+                         deterministic=False, return_lse=False, layout="zigzag", method="ring", validate=True,
+                         ulysses_degree=None, groups=None):
     """Exact attention over a sequence sharded across the ranks of a process group (context parallelism).
 
     Every rank calls it with its shard; the result is each rank's shard of flash_attn_func over the full
@@ -134,12 +177,19 @@ def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, 
         return_lse: also return the log-sum-exp (batch, nheads, seqlen_local), float32 (float64 for float64).
         layout: 'zigzag' (rank r holds chunks r and 2W-1-r of 2W: balanced causal work; cut with
             flashattn.distributed.zigzag_shard) or 'contiguous' (rank r holds chunk r of W).
-        method: 'ring' (key/value shards travel around the ranks, send/recv overlapping the compute) or
+        method: 'ring' (key/value shards travel around the ranks, send/recv overlapping the compute),
             'ulysses' (all-to-all to nheads / W heads over the full sequence; nheads and nheads_k
-            divisible by W).
+            divisible by W) or 'hybrid' (Ulysses all-to-all inside groups of U = ulysses_degree
+            consecutive ranks, then the ring over the W / U groups on nheads / U heads; U = 1 is 'ring',
+            U = W is 'ulysses'; nheads and nheads_k divisible by U).
         validate: compare shapes and options across the ranks (one small all_gather, which waits for
             the device); an inconsistent call then raises ValueError on every rank instead of hanging.
             Pass False once a set-up is known to be right.
+        ulysses_degree: U for method='hybrid', dividing W. Alone, the first call makes the groups
+            (hybrid_groups(U, group), a new_group collective; group must then be the whole world) and
+            keeps them for later calls.
+        groups: for method='hybrid', the HybridGroups from hybrid_groups(U, group), made beforehand
+            (needed on a subgroup); ulysses_degree then defaults to its Ulysses groups' size.
     Return:
         out: (batch, seqlen_local, nheads, headdim), this rank's shard of the output; and lse if asked.
     """
@@ -154,15 +204,17 @@ def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, 
                              f"q, k and v alike, got {k.shape[1]}")
         scale = _check_common(q, softmax_scale, window_size, layout, method, b)
         check_lengths(layout, world, [s * world], what=f"the full sequence (seqlen_local {s} x world_size {world})")
-        _check_heads(method, h, k.shape[2], world)
+        degree = _check_hybrid(method, ulysses_degree, groups, group, world)
+        _check_heads(method, h, k.shape[2], world, degree)
         left, right = masks.window_bounds(causal, window_size)
-        return _signature(b, s, q, k, causal, left, right, layout, method, scale, None), (scale, left, right)
+        sig = _signature(b, s, q, k, causal, left, right, layout, method, degree, scale, None)
+        return sig, (scale, left, right, degree)
 
-    scale, left, right = _agree(local, group, "ring_flash_attn_func", validate)
+    scale, left, right, degree = _agree(local, group, "ring_flash_attn_func", validate)
     b, s, h, d = q.shape
     cu = [i * s * world for i in range(b + 1)]
     out, lse = _run(q.reshape(b * s, h, d), k.reshape(b * s, k.shape[2], d), v.reshape(b * s, k.shape[2], d), cu,
-                    scale, causal, left, right, layout, method, deterministic, group)
+                    scale, causal, left, right, layout, method, deterministic, group, degree, groups)
     out = out.view(b, s, h, d)
     lse = lse.view(h, b, s).transpose(0, 1).contiguous()
     return (out, lse) if return_lse else out
@@ -170,7 +222,7 @@ def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, 
 
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, group=None, softmax_scale=None, causal=False,
                                 window_size=(-1, -1), deterministic=False, return_lse=False, layout="zigzag",
-                                method="ring", validate=True):
+                                method="ring", validate=True, ulysses_degree=None, groups=None):
     """`ring_flash_attn_func` for a packed batch of sequences of different lengths.
 
     Arguments:
@@ -218,12 +270,15 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, group=None, sof
             raise ValueError(f"max_seqlen must be an int at least the longest full sequence ({max(lengths)}), "
                              f"got {max_seqlen!r}")
         scale = _check_common(q, softmax_scale, window_size, layout, method, len(lengths))
-        _check_heads(method, q.shape[1], k.shape[1], world)
+        degree = _check_hybrid(method, ulysses_degree, groups, group, world)
+        _check_heads(method, q.shape[1], k.shape[1], world, degree)
         left, right = masks.window_bounds(causal, window_size)
-        sig = _signature(len(lengths), q.shape[0], q, k, causal, left, right, layout, method, scale, cu_list)
-        return sig, (scale, left, right)
+        sig = _signature(len(lengths), q.shape[0], q, k, causal, left, right, layout, method, degree, scale,
+                         cu_list)
+        return sig, (scale, left, right, degree)
 
-    scale, left, right = _agree(local, group, "ring_flash_attn_varlen_func", validate)
-    out, lse = _run(q, k, v, cu_list, scale, causal, left, right, layout, method, deterministic, group)
+    scale, left, right, degree = _agree(local, group, "ring_flash_attn_varlen_func", validate)
+    out, lse = _run(q, k, v, cu_list, scale, causal, left, right, layout, method, deterministic, group, degree,
+                    groups)
     return (out, lse) if return_lse else out
 

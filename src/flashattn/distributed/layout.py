@@ -69,6 +69,33 @@ def permutation(layout: str, world_size: int, lengths: Sequence[int], device=Non
     return perm.to(device)
 
 
+def group_permutation(layout: str, world_size: int, ulysses_degree: int, ring_rank: int, lengths: Sequence[int],
+                      device=None) -> torch.Tensor:
+    """Where the tokens of a Ulysses group go in its ring-level shard (method='hybrid').
+
+    The world_size ranks form ring_size = world_size / ulysses_degree Ulysses groups of consecutive
+    ranks: group g holds ranks g·U … g·U + U - 1 (U = ulysses_degree). In either layout the union of
+    their shards is exactly shard g of the same layout over ring_size ranks (zigzag: chunks g·U + j
+    and 2·world_size-1-g·U-j of 2·world_size, j < U, are chunks g and 2·ring_size-1-g of
+    2·ring_size), so a ring over the groups sees an ordinary zigzag or contiguous layout.
+
+    Returns (U · total / world_size,) int64: entry p is the row, in shard `ring_rank` of the
+    ring_size-rank layout, of row p of the rank-ordered concatenation of the group's shards.
+    ulysses_degree = world_size gives `permutation`; ulysses_degree = 1 the identity."""
+    ring_size = world_size // ulysses_degree
+    check_lengths(layout, world_size, lengths)
+    held = permutation(layout, world_size, lengths)          # global rows, rank after rank
+    target = permutation(layout, ring_size, lengths)
+    per_group = held.numel() // ring_size
+    span = slice(ring_rank * per_group, (ring_rank + 1) * per_group)
+    row = torch.full((held.numel(),), -1, dtype=torch.long)
+    row[target[span]] = torch.arange(per_group)
+    perm = row[held[span]]
+    if (perm < 0).any():   # the union argument above failed: a bug, not a caller's error
+        raise RuntimeError(f"Ulysses group {ring_rank} of {layout!r} does not hold ring shard {ring_rank}")
+    return perm.to(device)
+
+
 def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "zigzag", dim: int = 1,
           cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rank `rank`'s shard of the full sequence(s) x along `dim` (a copy; differentiable).

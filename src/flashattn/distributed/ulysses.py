@@ -21,9 +21,11 @@ from .layout import permutation
 
 
 def all_to_all(x: torch.Tensor, to_heads: bool, perm: torch.Tensor, group) -> torch.Tensor:
-    """to_heads: this rank's shard x (total_local, h, d) -> the full sequences (total, h / W, d) of head
-    group `rank`, rows in position order. Otherwise the reverse: (total, g, d) -> (total_local, g·W, d).
-    perm: layout.permutation, global row of each row of the rank-ordered shards."""
+    """to_heads: this rank's shard x (total_local, h, d) -> the group's rows (total, h / W, d) of head
+    group `rank` (W = the group's size, total = W · total_local), row perm[p] holding row p of the
+    rank-ordered shards. Otherwise the reverse: (total, g, d) -> (total_local, g·W, d).
+    perm: layout.permutation (Ulysses: the full sequences in position order) or layout.group_permutation
+    (hybrid: the ring-level shard)."""
     world = dist.get_world_size(group)
     x = x.contiguous()
     if to_heads:
@@ -52,18 +54,31 @@ class AllToAll(torch.autograd.Function):
         return all_to_all(grad, not to_heads, perm, group), None, None, None
 
 
+def head_parallel(q, k, v, perm: torch.Tensor, group, attend):
+    """All-to-all over `group` (size W) from a sequence split to a head split, attend(qf, kf, vf) on
+    nheads / W heads of the group's rows, all-to-all back. q (total_local, h, d), k, v (total_local, hk, d);
+    attend gets (W · total_local, h / W, d) and (…, hk / W, d) in perm's order and returns out and lse
+    (h / W, W · total_local). Returns out (total_local, h, d), differentiable, and lse (h, total_local)."""
+    qf, kf, vf = (AllToAll.apply(x, True, perm, group) for x in (q, k, v))
+    out, lse = attend(qf, kf, vf)
+    out = AllToAll.apply(out, False, perm, group)
+    with torch.no_grad():   # lse (h / W, total) -> (h, total_local), as a (total, h / W, 1) tensor
+        lse = all_to_all(lse.t().unsqueeze(-1), False, perm, group).squeeze(-1).t().contiguous()
+    return out, lse
+
+
 def ulysses_attention(q, k, v, cu_seqlens: torch.Tensor, lengths: Sequence[int], layout: str, scale: float,
                       causal: bool, window_size, deterministic: bool, group):
     """Packed shards q (total_local, h, d), k, v (total_local, hk, d); cu_seqlens the full sequences'
     (batch + 1,) int32 on q's device. Returns out (total_local, h, d) and lse (h, total_local)."""
     world = dist.get_world_size(group)
     perm = permutation(layout, world, lengths, q.device)
-    qf, kf, vf = (AllToAll.apply(x, True, perm, group) for x in (q, k, v))
     longest = max(lengths)
-    out, lse, _ = flash_attn_varlen_func(qf, kf, vf, cu_seqlens, cu_seqlens, longest, longest, softmax_scale=scale,
-                                         causal=causal, window_size=window_size, deterministic=deterministic,
-                                         return_attn_probs=True)
-    out = AllToAll.apply(out, False, perm, group)
-    with torch.no_grad():   # lse (h / W, total) -> (h, total_local), as a (total, h / W, 1) tensor
-        lse = all_to_all(lse.t().unsqueeze(-1), False, perm, group).squeeze(-1).t().contiguous()
-    return out, lse
+
+    def attend(qf, kf, vf):
+        out, lse, _ = flash_attn_varlen_func(qf, kf, vf, cu_seqlens, cu_seqlens, longest, longest,
+                                             softmax_scale=scale, causal=causal, window_size=window_size,
+                                             deterministic=deterministic, return_attn_probs=True)
+        return out, lse
+
+    return head_parallel(q, k, v, perm, group, attend)
