@@ -23,6 +23,8 @@ SHAPES = [(1, 4096, 4096, 16, 16, 128), (2, 300, 384, 4, 2, 128), (3, 200, 256, 
           (4, 1024, 1024, 16, 16, 128)]
 if "--quick" in sys.argv:
     SHAPES = [SHAPES[i] for i in (0, 1, 3, 5, 6)]
+if "--bwd-only" in sys.argv:   # (the backward on the benchmark grid's shapes: batch · seqlen = 16384, 16 heads)
+    SHAPES = []
 VARIANTS = {"base": None, "ws128": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True),
             "ws64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=True)}
 rows = []
@@ -62,7 +64,10 @@ BWD_VARIANTS = {"base": {}, "dkdv32x128": {"dkdv": _ws(32, 128)}, "dkdv64x128": 
                 "dq128x64": {"dq": _ws(128, 64)}, "dq128x128": {"dq": _ws(128, 128)},
                 "both": {"dkdv": _ws(64, 128), "dq": _ws(128, 64)}}
 brows = []
-for b, s, h, d in [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1, 16384, 16, 128)][:3 if "--quick" in sys.argv else 4]:
+BWD_SHAPES = [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1, 16384, 16, 128)][:3 if "--quick" in sys.argv else 4]
+if "--bwd-only" in sys.argv:
+    BWD_SHAPES = [(16384 // s, s, 16, d) for d in (128, 64) for s in (2048, 8192)]
+for b, s, h, d in BWD_SHAPES:
     for causal in (False, True):
         g = torch.Generator(device="cuda").manual_seed(1)
         q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))

@@ -128,10 +128,10 @@ def _tma_level(meta, seqlen_q: int, seqlen_k: int, *tensors) -> int:
     return 2 if plain and seqlen_k % 128 == 0 else 1
 
 
-# Warp-specialized cases checked on a GPU (benchmarks/check_ws.py: errors equal to the non-WS path), as
-# (kernel, causal or right window). The others run only under the interpreter, which checks their arithmetic
-# but not Triton's warp specializer (it has miscompiled row offsets before: NOTES.md), until a GPU run checks them.
-_WS_GPU_CHECKED = {("fwd", False)}
+# Warp-specialized cases checked on a GPU, as (kernel, causal or right window): test_gpu_warp_specialized and
+# benchmarks/check_ws.py (H200, 2026-12-05). A new WS loop stays off on the GPU until a GPU run checks it: the
+# interpreter checks its arithmetic but not Triton's warp specializer, which has miscompiled row offsets (NOTES.md).
+_WS_GPU_CHECKED = {(kernel, masked) for kernel in ("fwd", "dkdv", "dq") for masked in (False, True)}
 
 
 def _ws_allowed(kernel: str, meta) -> bool:
@@ -159,10 +159,12 @@ FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _c
                _cfg(128, 128, 4, 2, tma=True, ws=True), _cfg(128, 64, 4, 2, tma=True, ws=True)]
 DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2),
                 _cfg(32, 64, 4, 2),
-                _cfg(32, 64, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True)]
+                _cfg(32, 64, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True),
+                _cfg(64, 128, 4, 2, tma=True, ws=True), _cfg(32, 128, 4, 2, tma=True, ws=True)]
 DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2),
               _cfg(64, 32, 4, 2),
-              _cfg(128, 32, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True)]
+              _cfg(128, 32, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True),
+              _cfg(128, 64, 4, 2, tma=True, ws=True), _cfg(128, 128, 4, 2, tma=True, ws=True)]
 # FP8 forward: not yet measured on a GPU. Halved operand bytes allow deeper pipelines and wider key
 # tiles; BLOCK_N >= 32 (the K of an FP8 wgmma for P·V). Triton's FP8 tutorial runs 128x128, 8 warps.
 # The FP8 loop holds two fp32 (BLOCK_M, BLOCK_D) tiles (acc and one block's product, see _attn_fwd_inner):
@@ -172,7 +174,7 @@ FWD_FP8_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 
                    _cfg(128, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(64, 128, 8, 2)]
 
 
-def _default(kernel: str, block_d: int, tma_ok: int = 0):
+def _default(kernel: str, block_d: int, tma_ok: int = 0, causal: bool = False):
     """One known-good config per kernel (FLASHATTN_AUTOTUNE=0): the H200 sweep's winners, with TMA where
     the H100 measured it faster (benchmarks/NOTES.md); small tiles under the interpreter so that tiny test
     shapes still cross block boundaries, with TMA whenever the inputs allow it (the tests cover both paths)."""
@@ -188,8 +190,12 @@ def _default(kernel: str, block_d: int, tma_ok: int = 0):
         table = {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 4, 3), "dq": (128, 32, 4, 3)}
     else:   # head dims up to 256: smaller tiles keep q, k, v and the accumulator within shared memory/registers
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
-    if tma_ok >= 2 and kernel == "fwd" and block_d == 128:   # warp-specialized (H100: 1.14x, NOTES.md)
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)
+    # warp-specialized where it measured faster (NOTES.md, 2026-12-05): forward 1.31x non-causal (causal 0.93x:
+    # its mask runs on every block); backward dQ 1.04-1.09x, dK/dV with it 1.05-1.14x non-causal; not at hdim 64
+    ws = {("fwd", False): (128, 128), ("dq", False): (128, 64), ("dq", True): (128, 64), ("dkdv", False): (64, 128)}
+    if tma_ok >= 2 and block_d == 128 and (kernel, causal) in ws:
+        bm, bn = ws[(kernel, causal)]
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True)
     bm, bn, w, s = table[kernel]
     tma = tma_ok >= 1 and (kernel, block_d) in _TMA_DEFAULTS
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **({"TMA": True} if tma else {}))
@@ -294,7 +300,7 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
                                   _KEEP[kernel](_CONFIGS[kernel], {"tma_ok": tma_ok}, **meta), K)
         _last[kernel] = dict(config["kwargs"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     else:
-        cfg = pinned_configs.get(kernel) or _default(kernel, block_d, tma_ok)
+        cfg = pinned_configs.get(kernel) or _default(kernel, block_d, tma_ok, bool(meta["HAS_RIGHT"]))
         # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2) runs without it
         cfg = {k: v for k, v in cfg.items() if (k != "TMA" or tma_ok >= 1) and (k != "WS" or tma_ok >= 2)}
         block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
