@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -340,8 +341,15 @@ def spawn_group(world: int, out_dir: str, backend: str, names) -> dict:
     """Run `names` in a group of `world` spawned processes; {name: {rank: outcome}}."""
     ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir, backend, list(names)), nprocs=world,
                              join=False, start_method="spawn")
-    while not ctx.join(timeout=600):
-        pass
+    # A rank stuck where the others never arrive would wait forever; fail the tests instead (the process group's
+    # own timeout covers only collectives that time out).
+    deadline = time.monotonic() + float(os.environ.get("FLASHATTN_TEST_DIST_DEADLINE", "1200"))
+    while not ctx.join(timeout=10):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world}-process group did not finish within FLASHATTN_TEST_DIST_DEADLINE seconds "
+                        f"(a hang: some rank waits where another never arrives)")
     reports = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
     return {name: {r: reports[r][name] for r in range(world)} for name in names}
 
