@@ -38,6 +38,13 @@ def _cdiv_floor(a, b):
 
 
 @triton.jit
+def _rows(base, n, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A tensor descriptor (TMA) of one sequence's n rows of HEAD_DIM values, row stride `stride`, read in
+    (BLOCK, BLOCK_D) tiles; tiles past either end read 0."""
+    return tl.make_tensor_descriptor(base, shape=[n, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK, BLOCK_D])
+
+
+@triton.jit
 def _visible(q_idx, k_idx, seqlen_q, seqlen_k, left, right, num_sink, q_global, k_global, HAS_LEFT: tl.constexpr,
              HAS_RIGHT: tl.constexpr, HAS_SINK: tl.constexpr, HAS_GLOBAL: tl.constexpr):
     """masks.visible in tl: q_idx, k_idx (and the global flags of those positions) broadcast to a tile."""
@@ -309,9 +316,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         v_ptrs = start
     else:
         k_ptrs = K + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    if TMA:
-        pass
-    elif FP8:   # a (BLOCK_N, BLOCK_D) tile, keys contiguous (stride_vn = 1)
+    if not TMA and FP8:   # a (BLOCK_N, BLOCK_D) tile, keys contiguous (stride_vn = 1)
         # A non-empty [start, end) starts at a multiple of BLOCK_N (_kv_blocks: only hi may be another number).
         # Written as one, the compiler knows it (tl.multiple_of on the loop variable is dropped), so the tile's
         # key rows are 16-byte aligned and load as vectors (cp.async). An empty range must stay empty.
@@ -319,7 +324,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         end = tl.where(start < end, end, start_al)
         start = start_al
         v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    else:
+    elif not TMA:
         v_ptrs = V + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -453,19 +458,16 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh + (q_start + start_m) * stride_qm
     if WS:   # the warp specializer wants every load that feeds the loop's products from a descriptor
-        q = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
-                                      shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        q = _rows(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm, seqlen_q, stride_qm, BLOCK_M,
+                  BLOCK_D, HEAD_DIM).load([start_m, 0])
     else:
         q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :],
                     mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     if TMA:   # this sequence's keys and values as (seqlen_k, HEAD_DIM) tensors: tiles past either end read 0
-        K_bh = tl.make_tensor_descriptor(K_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
-        V_bh = tl.make_tensor_descriptor(V_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
+        K_bh = _rows(K_bh, seqlen_k, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        V_bh = _rows(V_bh, seqlen_k, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + off_b * stride_ab + off_h)
@@ -717,12 +719,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
     kv_mask = (tl.arange(0, BLOCK_N)[:, None] < seqlen_k - start_n) & (offs_d[None, :] < HEAD_DIM)
     row_off = (k_start + start_n) + tl.arange(0, BLOCK_N)[:, None]
     if WS:   # the warp specializer wants the loop's operands from descriptors (as q in _attn_fwd)
-        k = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
-                                      shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
-        v = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
-                                      shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                      block_shape=[BLOCK_N, BLOCK_D]).load([start_n, 0])
+        k = _rows(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn, seqlen_k, stride_kn, BLOCK_N,
+                  BLOCK_D, HEAD_DIM).load([start_n, 0])
+        v = _rows(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn, seqlen_k, stride_vn, BLOCK_N,
+                  BLOCK_D, HEAD_DIM).load([start_n, 0])
     else:
         k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + row_off * stride_kn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
@@ -751,10 +751,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Alibi, CuQ, CuK, Glob, SpCnt
         Q_bh = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
         DO_bh = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
         if TMA:   # this head's query rows (see _attn_fwd)
-            Q_bh = tl.make_tensor_descriptor(Q_bh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                             block_shape=[BLOCK_M, BLOCK_D])
-            DO_bh = tl.make_tensor_descriptor(DO_bh, shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
+            Q_bh = _rows(Q_bh, seqlen_q, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
+            DO_bh = _rows(DO_bh, seqlen_q, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
         Lse_bh = Lse + off_b * stride_lb + off_h * stride_lh + q_start   # Delta has lse's layout
         Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh + q_start
         slope = 0.0
@@ -895,12 +893,10 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         # Every operand from a descriptor: the warp specializer fails (an assertion in WSLowerToken) on a
         # pointer load of rows it splits between the consumers; lse and delta come as 1-D tiles. WS launches
         # have whole query tiles and finite lse (_tma_level).
-        q = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
-                                      shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
-        do = tl.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom,
-                                       shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
-                                       block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        q = _rows(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm, seqlen_q, stride_qm, BLOCK_M,
+                  BLOCK_D, HEAD_DIM).load([start_m, 0])
+        do = _rows(DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom, seqlen_q, stride_dom, BLOCK_M,
+                   BLOCK_D, HEAD_DIM).load([start_m, 0])
         lse2 = tl.make_tensor_descriptor(Lse + lse_base, shape=[seqlen_q], strides=[1],
                                          block_shape=[BLOCK_M]).load([start_m]) * 1.4426950408889634
         delta = tl.make_tensor_descriptor(Delta + lse_base, shape=[seqlen_q], strides=[1],
@@ -931,10 +927,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     if TMA:   # as in _attn_fwd
-        K_bh = tl.make_tensor_descriptor(K_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
-        V_bh = tl.make_tensor_descriptor(V_bh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
+        K_bh = _rows(K_bh, seqlen_k, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        V_bh = _rows(V_bh, seqlen_k, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
