@@ -200,14 +200,13 @@ WS_GPU_CASES = [(2, 384, 384, 4, 4, 128, dict()), (2, 384, 384, 4, 4, 128, dict(
 @pytest.mark.parametrize("case", WS_GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items()) or "full"))
 def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
-    """Every warp-specialized loop on the GPU, also those not yet enabled there (_WS_GPU_CHECKED): the
+    """Every warp-specialized loop on the GPU, also those not on by default there: the
     forward (dense, causal, right window), dK/dV (MHA, whole query tiles) and dQ (whole query tiles), at two
     tile shapes each."""
     from flashattn.backends import triton as tb
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("Triton's warp specialization targets Hopper (sm_90)")
     b, sq, sk, h, hk, d, mask = case
-    monkeypatch.setattr(tb, "_WS_GPU_CHECKED", {(k, m) for k in ("fwd", "dkdv", "dq") for m in (False, True)})
     bn = 128 if config.startswith("fwd128x128") else 64
     monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
     monkeypatch.setitem(tb.pinned_configs, "dkdv", dict(BLOCK_M=128 // (bn // 32), BLOCK_N=128, num_warps=4, num_stages=2,

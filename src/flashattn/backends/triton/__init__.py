@@ -112,34 +112,27 @@ def _cfg(bm, bn, w, s, tma=False, ws=False):
                               **({"WS": True} if ws else {})), num_warps=w, num_stages=s)
 
 
-def _tma_level(meta, seqlen_q: int, seqlen_k: int, *tensors) -> int:
-    """What the kernels may use for these fp16/bf16 tensors (the tma_ok kernel argument, part of the tuning key):
-    0: pointer loads only. 1: tensor descriptors (TMA): a Hopper or newer GPU (or Triton's interpreter),
-    16-byte aligned base addresses and strides, rows of at least 16 bytes. 2: also the warp-specialized
-    forward (kernels._attn_fwd_ws: one key loop, no score options): dense, no left window/sinks/global
-    tokens/block mask, no softcap/ALiBi/dropout, seqlen_k a multiple of 128 (every key tile whole); causal
-    or a right window only with seqlen_q <= seqlen_k (every row then sees key 0).
-    FLASHATTN_TMA=0 turns descriptors off."""
-    if not _tma_ok(*tensors):
+def _tma_level(kernel: str, meta, seqlen_q: int, seqlen_k: int, tma_ok: bool) -> int:
+    """What `kernel` may use (its tma_ok argument, part of the tuning key): 0: pointer loads only. 1: tensor
+    descriptors (TMA), where the tensors allow them (tma_ok: _tma_ok). 2: also its warp-specialized loop
+    (kernels._attn_fwd_ws and the backward's: one loop, no score options): dense, no left window/sinks/global
+    tokens/block mask, no softcap/ALiBi/dropout, seqlen_k a multiple of 128 (every key tile whole); causal or a
+    right window only with seqlen_q <= seqlen_k (every row then sees key 0). The backward's loops read whole
+    query tiles too (dQ: lse and delta as 1-D tiles), and triton 3.6 specializes dK/dV's only outside the GQA
+    group loop (GROUP == 1)."""
+    if not tma_ok:
         return 0
     plain = not any(meta[f] for f in ("VARLEN", "HAS_LEFT", "HAS_SINK", "HAS_GLOBAL", "BLOCK_SPARSE",
                                       "FP8", "SOFTCAP", "HAS_ALIBI", "DROPOUT"))
-    plain = plain and (not meta["HAS_RIGHT"] or seqlen_q <= seqlen_k)
-    return 2 if plain and seqlen_k % 128 == 0 else 1
-
-
-# Warp-specialized cases checked on a GPU, as (kernel, causal or right window): test_gpu_warp_specialized and
-# benchmarks/check_ws.py (H200, 2026-12-05). A new WS loop stays off on the GPU until a GPU run checks it: the
-# interpreter checks its arithmetic but not Triton's warp specializer, which has miscompiled row offsets (NOTES.md).
-_WS_GPU_CHECKED = {(kernel, masked) for kernel in ("fwd", "dkdv", "dq") for masked in (False, True)}
-
-
-def _ws_allowed(kernel: str, meta) -> bool:
-    return _interpreting() or (kernel, bool(meta["HAS_RIGHT"])) in _WS_GPU_CHECKED
+    plain = plain and (not meta["HAS_RIGHT"] or seqlen_q <= seqlen_k) and seqlen_k % 128 == 0
+    if kernel != "fwd":
+        plain = plain and seqlen_q % 128 == 0 and (kernel == "dq" or meta["GROUP"] == 1)
+    return 2 if plain else 1
 
 
 def _tma_ok(*tensors) -> bool:
-    """Level 1 of _tma_level: the GPU, the dtypes and the alignment allow tensor descriptors."""
+    """Whether the tensors allow descriptors: a Hopper or newer GPU (or Triton's interpreter), fp16/bf16,
+    16-byte aligned base addresses and strides, rows of at least 16 bytes. FLASHATTN_TMA=0: never."""
     if os.environ.get("FLASHATTN_TMA", "1") == "0":
         return False
     if not _interpreting() and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
@@ -216,7 +209,7 @@ _tuned = {name: triton.autotune(_CONFIGS[name], key=_KEY, prune_configs_by={"ear
 
 def _tuning_key(args, meta) -> dict:
     """What a tuned config is chosen per: _KEY's values, the dtype and the GPU model. args start with q and
-    end with _tail(...) (seq_bucket, gpu_key, tma_ok)."""
+    end with _tail(...) (seq_bucket, gpu_key) and tma_ok."""
     key = {name: meta[name] for name in _KEY if name in meta}
     key.update(seq_bucket=args[-3], tma_ok=args[-1], dtype=str(args[0].dtype), gpu=_gpu_name(args[0].device.index or 0))
     return key
@@ -429,11 +422,11 @@ def _alibi_args(q, alibi_slopes):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
-def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
-          tma_ok):
+def _tail(bt: _Batch, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed):
+    """The kernels' trailing scalar arguments, up to gpu_key (the launchers append tma_ok: _tma_level)."""
     return (bt.seqlen_q, bt.seqlen_k, max(window_left, 0), max(window_right, 0), num_sink, float(softmax_scale),
             float(softcap) if softcap else 1.0, dropout_seed, dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-            triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0), tma_ok)
+            triton.next_power_of_2(max(bt.seqlen_q, bt.seqlen_k)), _gpu_key(q.device.index or 0))
 
 
 @tuning.serialized_under_interpreter
@@ -465,9 +458,8 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
                         global_flags, block_mask, fp8)
     args = (q, k, v, out, lse, alibi, cu_q, cu_k, glob, *sp_ptrs, descale, *bt.strides(q), *bt.strides(k),
             *bt.strides(v), v.stride(-1), *bt.strides(out), *bt.lse_strides(lse), stride_ab, *sp_ints, bt.nheads,
-            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
-                   0 if fp8 else min(_tma_level(meta, bt.seqlen_q, bt.seqlen_k, q, k, v),
-                                     2 if _ws_allowed("fwd", meta) else 1)))
+            *_tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed),
+            _tma_level("fwd", meta, bt.seqlen_q, bt.seqlen_k, _tma_ok(q, k, v)))
     meta["ROUND_P"] = fp8 and _interpreting()   # see kernels._to_e4m3
     _launch("fwd_fp8" if fp8 else "fwd", bt.seqlen_q, bt.batch * bt.nheads, args, meta, block_mask)
     return out, lse
@@ -508,22 +500,17 @@ def backward(dout, q, k, v, out, lse, softmax_scale, window_left=-1, window_righ
         dq, dk, dv = bt.new_like(q), bt.new_like(k), bt.new_like(v)
     alibi, stride_ab = _alibi_args(q, alibi_slopes)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if bt.varlen else (q, q)
-    level = 0 if fp8 else _tma_level(meta, bt.seqlen_q, bt.seqlen_k, q, k, v, dout)
-    # the warp-specialized loops read whole query tiles (dQ: lse and delta as 1-D tiles), and triton 3.6
-    # specializes dK/dV's only outside the GQA group loop (GROUP == 1)
-    whole = bt.seqlen_q % 128 == 0
-    dkdv_level = level if whole and meta["GROUP"] == 1 and _ws_allowed("dkdv", meta) else min(level, 1)
-    dq_level = level if whole and _ws_allowed("dq", meta) else min(level, 1)
-    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed,
-                 dkdv_level)
+    tail = _tail(bt, q, window_left, window_right, num_sink, softmax_scale, softcap, dropout_p, dropout_seed)
+    tma_ok = _tma_ok(q, k, v, dout)
+    dkdv_level, dq_level = (_tma_level(kn, meta, bt.seqlen_q, bt.seqlen_k, tma_ok) for kn in ("dkdv", "dq"))
     inputs = (*bt.strides(q), *bt.strides(k), *bt.strides(v), *bt.strides(dout))
     q_ptrs, q_ints = _sparse_args(q, block_mask, "q")
     kv_ptrs, kv_ints = _sparse_args(q, block_mask, "kv")
     _launch("dkdv", bt.seqlen_k, bt.batch * bt.nheads_k,
             (q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k, glob, *q_ptrs, descale, *inputs, *bt.strides(dk),
-             *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail), dict(meta, SUB_M=1),
+             *bt.strides(dv), *bt.lse_strides(lse), stride_ab, *q_ints, bt.nheads_k, *tail, dkdv_level), dict(meta, SUB_M=1),
             block_mask)
     _launch("dq", bt.seqlen_q, bt.batch * bt.nheads,
             (q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k, glob, *kv_ptrs, descale, *inputs, *bt.strides(dq),
-             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail[:-1], dq_level), meta, block_mask)
+             *bt.lse_strides(lse), stride_ab, *kv_ints, bt.nheads, *tail, dq_level), meta, block_mask)
     return dq, dk, dv
