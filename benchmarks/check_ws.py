@@ -1,8 +1,11 @@
 """GPU check of the warp-specialized forward (WS) against the non-WS default (level-1 config: descriptors
 where they are the default, no WS): error of out and lse vs the float64 reference and TFLOP/s, per shape,
-causal and not (partly filled last query blocks included). Prints a table last.
+causal and not (partly filled last query blocks included). "split": the causal forward in two launches (the
+whole key blocks warp-specialized without a mask, then the diagonal's blocks: config SPLIT). Then the
+backward's WS loops. Prints a table last.
 
-    PYTHONPATH=src python benchmarks/check_ws.py [--quick]
+    PYTHONPATH=src python benchmarks/check_ws.py [--quick | --fwd-grid] [--bwd-only]
+--fwd-grid: the causal forward on the benchmark grid's shapes (batch · seqlen = 16384, 16 heads, hdim 128).
 """
 import sys
 
@@ -22,13 +25,18 @@ SHAPES = [(1, 4096, 4096, 16, 16, 128), (2, 300, 384, 4, 2, 128), (3, 200, 256, 
           (4, 1024, 1024, 16, 16, 128)]
 if "--quick" in sys.argv:
     SHAPES = [SHAPES[i] for i in (0, 1, 3, 5, 6)]
+CAUSAL = (False, True)
+if "--fwd-grid" in sys.argv:
+    SHAPES, CAUSAL = [(16384 // s, s, s, 16, 16, 128) for s in (1024, 2048, 4096, 8192, 16384)], (True,)
 if "--bwd-only" in sys.argv:   # (the backward on the benchmark grid's shapes: batch · seqlen = 16384, 16 heads)
     SHAPES = []
-VARIANTS = {"base": None, "ws128": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True),
-            "ws64": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True, WS=True)}
+_WS128 = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)
+_WS64 = dict(_WS128, BLOCK_N=64)
+VARIANTS = {"base": None, "ws128": _WS128, "ws64": _WS64, "split128": dict(_WS128, SPLIT=True),
+            "split64": dict(_WS64, SPLIT=True)}
 rows = []
 for b, s, sk, h, hk, d in SHAPES:
-    for causal in (False, True):
+    for causal in CAUSAL:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
         k, v = (torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -49,10 +57,12 @@ for b, s, sk, h, hk, d in SHAPES:
                   f"err out/lse {err}", flush=True)
         rows.append((f"b{b} s{s}/{sk} h{h}/{hk} d{d}", causal, res))
         T.pinned_configs.clear()
-print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS) + " | ws128/base |")
+print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS)
+      + " | ws128/base | split128/base |")
 for shape, causal, res in rows:
     cells = " | ".join(f"{tf:.0f} | {e[0]:.1e}, {e[1]:.1e}" for tf, e in res.values())
-    print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} |")
+    print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} | "
+          f"{res['split128'][0] / res['base'][0]:.2f} |")
 
 # Backward: the warp-specialized dK/dV (MHA, whole tiles) and dQ loops against the defaults, apart and together.
 def _ws(bm, bn):

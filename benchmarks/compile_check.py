@@ -13,7 +13,11 @@ with the 16-byte divisibility hints a real launch carries (pointers, tensor stri
 adds them for arguments divisible by 16), without which no load can be vectorized; the other
 variants compile without hints, as the recorded histograms were made. The wgmma forms are listed.
 
-    python benchmarks/compile_check.py [--quick | --fp8] [--hist FILE.json] [--regs] [--aligned]
+--ws compiles the warp-specialized variants (hdim 128, the WS configs' 4 warps and 2 stages) and checks that
+Triton's warp specializer took each loop (`ttg.warp_specialize` in the TTGIR): it declines silently, e.g. when
+a product stands beside the loop, and the kernel then runs unspecialized.
+
+    python benchmarks/compile_check.py [--quick | --fp8 | --ws] [--hist FILE.json] [--regs] [--aligned]
 --regs runs Triton's bundled ptxas -v on each PTX and prints registers per thread and spilled bytes;
 --aligned gives every variant the alignment hints (closer to a real launch: without them loads are
 scalar and registers fuller; histograms compare only within one mode).
@@ -44,7 +48,7 @@ _FLOATS = {"sm_scale", "softcap", "keep_scale"}
 _INT64 = {"seed", "drop_threshold"}
 BASE = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
             VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False, FP8=False, ROUND_P=False,
-            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False)
+            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False, PART=0)
 VARIANTS = [{}, dict(HAS_LEFT=True, HAS_SINK=True), dict(DROPOUT=True), dict(HAS_GLOBAL=True, HAS_LEFT=True),
             dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True), dict(BLOCK_SPARSE=1, HAS_RIGHT=False), dict(BLOCK_SPARSE=2, HAS_RIGHT=False)]
 KERNELS = {"fwd": (K._attn_fwd, 8), "dkdv": (K._attn_bwd_dkdv, 4), "dq": (K._attn_bwd_dq, 4)}
@@ -55,6 +59,15 @@ FP8_VARIANTS = [("fwd", _FP8_128), ("fwd", dict(_FP8_128, HAS_RIGHT=False)),
                 ("fwd", dict(_FP8_128, HEAD_DIM=64, BLOCK_D=64)),
                 ("fwd", dict(FP8=True, HEAD_DIM=256, BLOCK_D=256, BLOCK_M=64, BLOCK_N=64, warps=8, stages=3)),
                 ("dkdv", dict(FP8=True)), ("dq", dict(FP8=True))]
+
+
+# (kernel, flags): the warp-specialized loops as the launcher runs them (WS configs: 4 warps per warpgroup, 2 stages;
+# GROUP 1 for dK/dV); fwd PART 1 is the split forward's whole blocks (the diagonal's PART 2 is not specialized)
+_WS = dict(TMA=True, WS=True, GROUP=1, warps=4, stages=2)
+WS_VARIANTS = [("fwd", dict(_WS, HAS_RIGHT=False, BLOCK_N=128)), ("fwd", dict(_WS, BLOCK_N=128)),
+               ("fwd", dict(_WS, BLOCK_N=128, PART=1)), ("fwd", dict(_WS, PART=1)),
+               ("dkdv", dict(_WS, HAS_RIGHT=False, BLOCK_M=64, BLOCK_N=128)), ("dkdv", dict(_WS, BLOCK_M=32, BLOCK_N=128)),
+               ("dq", dict(_WS, HAS_RIGHT=False)), ("dq", dict(_WS))]
 
 
 def signature(fn, flags):
@@ -92,6 +105,8 @@ def compile_one(name, variant, aligned=False):
     warps, stages = flags.pop("warps", warps), flags.pop("stages", 3)
     sig, consts = signature(fn, flags)
     attrs = alignment_hints(fn, sig) if flags["FP8"] or aligned else None
+    if name != "fwd":
+        flags.pop("PART")
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -118,6 +133,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the default variant of each kernel only")
     ap.add_argument("--fp8", action="store_true", help="the FP8 variants only")
+    ap.add_argument("--ws", action="store_true", help="the warp-specialized variants only (checks the specializer took them)")
     ap.add_argument("--hist", help="write PTX instruction counts (default variants) to this JSON file")
     ap.add_argument("--regs", action="store_true", help="registers and spills of each kernel (ptxas -v)")
     ap.add_argument("--aligned", action="store_true", help="alignment hints for every variant, not only FP8")
@@ -125,6 +141,8 @@ def main(argv=None) -> int:
     hist, failures = {}, 0
     if args.fp8:
         todo = FP8_VARIANTS
+    elif args.ws:
+        todo = WS_VARIANTS
     else:
         todo = [(name, v) for name in KERNELS for v in (VARIANTS[:1] if args.quick else VARIANTS)]
         todo += [] if args.quick else FP8_VARIANTS
@@ -143,6 +161,9 @@ def main(argv=None) -> int:
               f"shared memory: {k.metadata.shared} B  {forms}{regs}")
         if "wgmma" not in ptx:
             failures += 1
+        if variant.get("WS") and "ttg.warp_specialize" not in k.asm["ttgir"]:
+            failures += 1
+            print("FAIL Triton's warp specializer declined this loop (no ttg.warp_specialize in the TTGIR)")
         if variant.get("FP8") and name == "fwd" and (any(not f.endswith("e4m3.e4m3") for f in forms)
                                                        or "mma.sync" in ptx):
             failures += 1

@@ -70,11 +70,20 @@ def _smem_bytes(kernel: str, bm: int, bn: int, bd: int, stages: int) -> int:
     return 2 * bd * (resident + stages * 2 * streamed)
 
 
+# the _tma_level a config flag needs: descriptors 1, the warp-specialized loops 2
+_LEVEL_NEEDED = {"TMA": 1, "WS": 2}
+
+
+def _allowed(flag: str, level: int) -> bool:
+    """Whether a config's `flag` (a key of its kwargs) may be used by a launch of this _tma_level."""
+    return level >= _LEVEL_NEEDED.get(flag, 0)
+
+
 def _tma_allowed(configs, named_args):
     """configs without the TMA ones unless the launch allows descriptors, and without the warp-specialized
     ones unless it allows those (the tma_ok argument: _tma_level)."""
     level = named_args.get("tma_ok", 0)
-    return [c for c in configs if (not c.kwargs.get("TMA") or level >= 1) and (not c.kwargs.get("WS") or level >= 2)]
+    return [c for c in configs if all(_allowed(f, level) for f, on in c.kwargs.items() if on)]
 
 
 def _keep_fwd(configs, named_args, **kwargs):
@@ -294,11 +303,30 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _last[kernel] = dict(config["kwargs"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     else:
         cfg = pinned_configs.get(kernel) or _default(kernel, block_d, tma_ok, bool(meta["HAS_RIGHT"]))
-        # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2) runs without it
-        cfg = {k: v for k, v in cfg.items() if (k != "TMA" or tma_ok >= 1) and (k != "WS" or tma_ok >= 2)}
-        block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
-        ran = _run(kernel, (triton.cdiv(grid_rows, block), grid_cols), args, meta, cfg)
+        # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2; SPLIT: a warp-specialized
+        # causal or right-windowed forward) runs without it
+        cfg = {k: v for k, v in cfg.items() if _allowed(k, tma_ok)}
+        split = cfg.pop("SPLIT", False) and cfg.get("WS") and kernel == "fwd" and bool(meta["HAS_RIGHT"])
+        grid = (triton.cdiv(grid_rows, cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
+        if split:
+            # The whole key blocks in the warp-specialized loop without a mask, then the diagonal's masked blocks
+            # in a second launch resuming from that partial out and lse (kernels._attn_fwd's PART): Triton 3.6
+            # specializes one loop only (no key loop or product beside it: NOTES.md), and the causal WS loop, which
+            # masks every block, ran at 0.83-0.93x the kernel without WS.
+            ran = dict(_run(kernel, grid, args, dict(meta, PART=1), cfg), SPLIT=True)
+            _run(kernel, grid, args, dict(meta, PART=2), _resume_config(cfg))
+        else:
+            ran = _run(kernel, grid, args, meta, cfg)
         _last_default[(kernel, block_d, kernel in pinned_configs, _interpreting())] = ran
+
+
+def _resume_config(cfg: dict) -> dict:
+    """The config of a split forward's second launch (PART 2): the first one's tiles (both halves must cut the key
+    range at the same block), pointer loads, no warp specialization, one stage (a program walks 1-3 key
+    blocks; compiled for sm_90 at head dim 128 the 128x128 tiles on 8 warps spill 72 B with 2 stages, none with
+    one; ptxas crashes on their descriptor build), 8 warps for 128-row tiles (4 spill the accumulator)."""
+    warps = 8 if cfg["BLOCK_M"] >= 128 and not _interpreting() else 4
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=warps, num_stages=1)
 
 
 def launch_config(kernel: str, block_d: int) -> dict:
