@@ -7,12 +7,16 @@ Examples per run ('ci' profile; HYPOTHESIS_PROFILE=slow multiplies the CPU count
 
     backend                                    examples  dtypes                  sizes
     torch path (80%) / reference backend (20%)  400      fp32, fp64, fp16, bf16  seqlens 0..300, hdim 8..256, tiles drawn
-    Triton kernels under the interpreter         80      fp16                    seqlens 0..40, hdim 8..64, tiles 16/32
+    Triton kernels under the interpreter         80      fp16                    seqlens 0..40, hdim 8..64, tiles 16/32,
+                                                                                 pointer or descriptor (TMA) loads
+      + the warp-specialized loops               60      fp16                    seqlen_k 128/256, hdim 16/32, WS or split
       + every mask diagonal on every tile edge  120 calls (test_mask_edges_triton_interpreter, not random)
     Triton on the GPU, -m "gpu and not slow"    300      bf16, fp16              seqlens 0..300 (1 in 8 up to 2000),
     Triton on the GPU, -m "gpu and slow"      10000      bf16, fp16              hdim 8..256, tile configs drawn
                                                           (FLASHATTN_FUZZ_EXAMPLES=n changes the 10000,
                                                           FLASHATTN_FUZZ_GPU_EXAMPLES=n the 300)
+      + the warp-specialized loops              100      bf16, fp16              seqlen_k 128..2048, hdim 64/128,
+                                                          (a third of FLASHATTN_FUZZ_GPU_EXAMPLES) WS or split configs
 
 Seqlens favour tile boundaries (ragged tails) and, half the time, put the causal diagonal within 2 keys of
 a multiple of 16. The CPU tests are derandomized in the 'ci' profile (the same examples on every run: a CI
@@ -50,10 +54,12 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 class Space:
     """What a backend's fuzzing draws from."""
 
-    def __init__(self, backends, dtypes, max_seqlen, headdims, max_heads_k, groups, budget, tiles, long_seqlen=0):
+    def __init__(self, backends, dtypes, max_seqlen, headdims, max_heads_k, groups, budget, tiles, long_seqlen=0,
+                 loads=("pointers",)):
         self.backends, self.dtypes, self.max_seqlen, self.headdims = backends, dtypes, max_seqlen, headdims
         self.max_heads_k, self.groups, self.budget, self.tiles, self.long_seqlen = (max_heads_k, groups, budget,
                                                                                     tiles, long_seqlen)
+        self.loads = loads   # the Triton kernels' ways to read tiles to ask for (see LOADS)
 
 
 # budget: the largest batch · nheads · seqlen_q · seqlen_k · headdim per example (keeps the CI time bounded:
@@ -62,9 +68,19 @@ TORCH_SPACE = Space(["torch"] * 4 + ["reference"], ["float32", "float64", "float
                     [8, 12, 16, 24, 32, 40, 59, 64, 72, 96, 111, 128, 160, 192, 256], 3, [1, 2, 3, 4],
                     budget=1e8 * FACTOR, tiles=([16, 32, 64, 256], [7, 16, 33, 64, 512]))
 INTERP_SPACE = Space(["triton"], ["float16"], 40, [8, 16, 24, 40, 64], 2, [1, 2, 3],
-                     budget=1.5e5, tiles=([16, 32], [16, 32]))
+                     budget=1.5e5, tiles=([16, 32], [16, 32]), loads=("pointers", "tma"))
 GPU_SPACE = Space(["triton"], ["bfloat16", "float16"], 300, [8, 16, 32, 40, 59, 64, 96, 111, 128, 192, 256], 4,
                   [1, 2, 3, 4, 8], budget=2e9, tiles=None, long_seqlen=2000)
+# The warp-specialized loops run only on whole 128-key tiles (backward: whole 128-row query tiles; dK/dV: no GQA)
+# without score options (backends/triton._tma_level), which the spaces above seldom draw: these draw seqlens in
+# multiples of 128 (queries also anywhere below the keys), causal / right windows / none, and ask for them.
+WS_INTERP_SPACE = Space(["triton"], ["float16"], 256, [16, 32], 2, [1, 1, 2], budget=2e6, tiles=([16, 32], [16, 32]),
+                        loads=("ws", "split"))
+WS_GPU_SPACE = Space(["triton"], ["bfloat16", "float16"], 2048, [64, 128, 128], 4, [1, 1, 2], budget=2e10,
+                     tiles=None, loads=("ws", "split"))
+# load path -> the flags asked of every kernel's config (the launcher drops what a call does not allow)
+LOADS = {"pointers": {}, "tma": {"TMA": True}, "ws": {"TMA": True, "WS": True},
+         "split": {"TMA": True, "WS": True, "SPLIT": True}}
 
 BOUNDARIES = [0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 299, 300]
 
@@ -124,10 +140,38 @@ def problems(draw, space: Space):
         p["leftpad"] = draw(st.booleans())
         p["cache_batch_idx"] = p["page_size"] == 0 and draw(st.booleans())
         p["num_splits"] = draw(st.sampled_from([0, 1, 3]))   # split-KV programs in the kernel (0: automatic)
+    _tiles(draw, space, p)
+    return p
+
+
+def _tiles(draw, space: Space, p) -> None:
+    """The tiles (interpreter) or tile config (GPU) of problem p, and the load path asked for."""
     if space.tiles is not None:
         p["tiles"] = (draw(st.sampled_from(space.tiles[0])), draw(st.sampled_from(space.tiles[1])))
     else:
         p["tile_config"] = draw(st.integers(-1, 7))   # GPU: -1 the default config, else a candidate (modulo)
+    p["load"] = draw(st.sampled_from(space.loads))
+
+
+@st.composite
+def ws_problems(draw, space: Space):
+    """Dense problems the warp-specialized loops accept (mostly): seqlen_k a multiple of 128, seqlen_q one too
+    or anywhere up to seqlen_k (the forward's loop takes partial query tiles), causal, a right window or none;
+    1 in 8 with softcap or a left window, which must fall back to the other loops."""
+    batch, nheads_k = draw(st.integers(1, 2)), draw(st.integers(1, space.max_heads_k))
+    group, headdim = draw(st.sampled_from(space.groups)), draw(st.sampled_from(space.headdims))
+    sk = 128 * draw(st.integers(1, space.max_seqlen // 128))
+    whole = st.sampled_from([128 * i for i in range(1, sk // 128 + 1)])   # the backward's loops need these
+    sq = draw(st.one_of(whole, whole, st.integers(1, sk)))
+    mask = draw(st.sampled_from(["none", "causal", "causal", "right"]))
+    odd = draw(st.integers(0, 7)) == 0
+    p = dict(layout="dense", batch=batch, nheads_k=nheads_k, group=group, headdim=headdim,
+             dtype=draw(st.sampled_from(space.dtypes)), backend="triton", causal=mask == "causal",
+             window=(draw(st.integers(0, 200)) if odd else -1, draw(st.integers(0, 200)) if mask == "right" else -1),
+             softcap=draw(st.sampled_from([0.0, 30.0])) if odd else 0.0, alibi="none",
+             scale=draw(st.sampled_from([None, None, 0.05, 1.5])), seed=draw(st.integers(0, 2**31 - 1)),
+             lens_q=[sq] * batch, lens_k=[sk] * batch)
+    _tiles(draw, space, p)
     return p
 
 
@@ -148,6 +192,8 @@ def problem_id(p) -> str:
         opts.append(f"scale{p['scale']:g}")
     if p["layout"] == "kvcache":
         opts.append(f"new{p['s_new']}-page{p['page_size']}-splits{p.get('num_splits', 0)}")
+    if p.get("load", "pointers") != "pointers":
+        opts.append(p["load"])
     return "-".join(opts)
 
 
@@ -169,16 +215,24 @@ def _env(stack: ExitStack, p, device):
         stack.enter_context(mock.patch.object(torch_tiled, "BLOCK_K", p["tiles"][1]))
     if p["backend"] == "triton":
         from flashattn.backends import triton as tb
+        flags = LOADS[p.get("load", "pointers")]
         if "tiles" in p:        # the interpreter: any tile sizes (warps and stages mean nothing there)
             bm, bn = p["tiles"]
-            cfg = {name: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1) for name in ("fwd", "dkdv", "dq")}
+            cfg = {name: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, **flags) for name in ("fwd", "dkdv", "dq")}
+            for name in ("dkdv", "dq"):
+                cfg[name].pop("SPLIT", None)
         elif p.get("tile_config", -1) >= 0:   # the GPU: one of the autotuning candidates for this head dim
             bd = max(16, 1 << (p["headdim"] - 1).bit_length())
             cfg = {}
             for name in ("fwd", "dkdv", "dq"):
-                cands = tb._KEEP[name](tb._CONFIGS[name], {}, BLOCK_D=bd)
+                # the candidates of a launch that allows everything, or (ws/split) the warp-specialized ones
+                cands = tb._KEEP[name](tb._CONFIGS[name], {"tma_ok": 2}, BLOCK_D=bd)
+                if flags.get("WS"):
+                    cands = [c for c in cands if c.kwargs.get("WS")] or cands
                 c = cands[p["tile_config"] % len(cands)]
                 cfg[name] = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if flags.get("SPLIT") and cfg["fwd"].get("WS"):
+                cfg["fwd"]["SPLIT"] = True
         else:
             cfg = {}
         stack.enter_context(mock.patch.dict(tb.pinned_configs, cfg, clear=True))
@@ -347,6 +401,21 @@ def test_mask_edges_triton_interpreter(mask, monkeypatch):
 @settings(max_examples=int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")), deadline=None)
 @given(problems(GPU_SPACE))
 def test_fuzz_triton_gpu(p):
+    check_problem(p, "cuda")
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter tier runs on machines without a GPU")
+@settings(max_examples=60 * FACTOR, **CI_SETTINGS)
+@given(ws_problems(WS_INTERP_SPACE))
+def test_fuzz_triton_interpreter_ws(p):
+    check_problem(p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+@settings(max_examples=int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")) // 3, deadline=None)
+@given(ws_problems(WS_GPU_SPACE))
+def test_fuzz_triton_gpu_ws(p):
     check_problem(p, "cuda")
 
 
