@@ -291,6 +291,25 @@ def _listed_tile(SpList, SpPid, it, pid_stride, BLOCK: tl.constexpr, SUB: tl.con
 
 
 @triton.jit
+def _online_softmax(m_i, l_i, s, GUARD: tl.constexpr, FP8: tl.constexpr):
+    """-- the online softmax's update of a row's max m_i and sum l_i by one key block's scores s (exp2 domain,
+    -inf where masked). Returns (m_new, alpha, p, l_new): alpha = exp2(m_i - m_new) rescales the old l and acc,
+    p = exp2(s - m_new) are the block's probabilities (times 2^P_LOG2 with FP8: e4m3's normal range, >= 2^-6,
+    then reaches down to p = 2^-14). GUARD (blocks with masked keys): a row that has seen only masked keys keeps
+    m = -inf and is shifted by 0 instead, so that -inf - (-inf) never makes a NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = m_new
+    if GUARD:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    if FP8:
+        p = tl.math.exp2(s - (m_shift - P_LOG2)[:, None])
+    else:
+        p = tl.math.exp2(s - m_shift[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
                     stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left, right, num_sink, sm_scale, softcap,
                     slope, row_key, drop_threshold, keep_scale, Glob, q_global, SpList, SpPid, SpTile,
@@ -346,24 +365,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start, end, offs_m, offs_n, offs_d,
         qk = tl.dot(q, kT)
         s, _ = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, sm_scale, softcap, slope,
                        SOFTCAP, HAS_ALIBI)
-        # -- update m_i: rows that have seen only masked keys keep m = -inf; shift them by 0 instead
         if MASK:
             ok = _query_tile_visible(offs_m, cols, seqlen_q, seqlen_k, left, right, num_sink, q_global, Glob, SpTile,
                                      tile_pid, HAS_LEFT, HAS_RIGHT, HAS_SINK, HAS_GLOBAL, BLOCK_SPARSE, BLOCK_M,
                                      BLOCK_N)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = m_new
-        # -- rescale l_i and acc to the new max, add this block
-        alpha = tl.math.exp2(m_i - m_shift)
-        if FP8:   # p · 2^P_LOG2 in [0, 256]: e4m3's normal range (>= 2^-6) then reaches down to p = 2^-14
-            p = tl.math.exp2(s - (m_shift - P_LOG2)[:, None])
-        else:
-            p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = _online_softmax(m_i, l_i, s, MASK, FP8)
+        # -- rescale acc to the new max, add this block
         if TMA:
             v = V.load([start_n, 0])
         elif MASK:
@@ -403,10 +411,7 @@ def _attn_fwd_ws(acc, l_i, m_i, q, K, V, hi, lim, sm_scale, CAUSAL: tl.constexpr
         s = tl.dot(q, K.load([start_n, 0]).T) * qk_scale
         if CAUSAL:
             s = tl.where(dij <= lim - start_n, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = _online_softmax(m_i, l_i, s, False, False)
         acc = tl.dot(p.to(q.dtype), V.load([start_n, 0]), acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
