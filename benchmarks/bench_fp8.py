@@ -8,6 +8,8 @@ The FlashAttention papers' grid: batch·seqlen = 16384 tokens, nheads·hdim = 20
   fp8       flash_attn_func on float8_e4m3fn q, k, v with per-(batch, head) descales, v in the usual
             (b, s, h, d) layout: the launcher's keys-contiguous copy of v is inside the timing
   fp8 vT    the same with v already keys-contiguous (what a quantizer could write directly): no copy
+  fp8 vK    v in the usual layout read as it is (backends.triton.fp8_v_copy = False: no copy, the kernel's
+            V tiles transposed on chip; an experiment)
 Quantization is outside the timing. TFLOP/s by flashattn.flops (causal halved). Medians of
 triton.testing.do_bench. The first call of each shape autotunes (compiles) and is not timed. Also printed:
 the relative RMS difference between the fp8 and bf16 outputs (sanity: a few percent) and the autotuned
@@ -44,9 +46,9 @@ def main():
     assert torch.cuda.is_available(), "bench_fp8.py times the Triton kernels: it needs a CUDA GPU"
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    head = (f"{'hdim':>4} {'seqlen':>6} {'causal':>6} | {'bf16 ms':>8} {'TFLOP/s':>7} | {'fp8 ms':>8} {'TFLOP/s':>7} "
-            f"| {'fp8 vT ms':>9} {'TFLOP/s':>7} | {'fp8/bf16':>8} {'vT/bf16':>8} | {'rel diff':>8} | configs bf16 / fp8")
-    print(head)
+    names = ("bf16", "fp8", "fp8 vT", "fp8 vK")
+    print(f"{'hdim':>4} {'seqlen':>6} {'causal':>6} | " + " | ".join(f"{n + ' ms':>9} {'TFLOP/s':>7}" for n in names)
+          + " | " + " ".join(f"{n.split()[-1] + '/bf16':>8}" for n in names[1:]) + f" | {'rel diff':>8} | configs bf16 / fp8")
     rows = []
     for d in args.hdims:
         for s in args.seqlens:
@@ -58,9 +60,17 @@ def main():
             qb, kb, vb = (t.bfloat16() for t in (q, k, v))
             del q, k, v
             for causal in causals:
+                def v_as_given():
+                    fa_triton.fp8_v_copy = False
+                    try:
+                        return flash_attn_func(x.q, x.k, x.v, causal=causal, **x.descales())
+                    finally:
+                        fa_triton.fp8_v_copy = True
+
                 calls = {"bf16": lambda: flash_attn_func(qb, kb, vb, causal=causal),
                          "fp8": lambda: flash_attn_func(x.q, x.k, x.v, causal=causal, **x.descales()),
-                         "fp8 vT": lambda: flash_attn_func(x.q, x.k, vt, causal=causal, **x.descales())}
+                         "fp8 vT": lambda: flash_attn_func(x.q, x.k, vt, causal=causal, **x.descales()),
+                         "fp8 vK": v_as_given}
                 outs = {name: fn() for name, fn in calls.items()}   # autotune and compile, untimed
                 torch.cuda.synchronize()
                 ms = {name: triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
@@ -69,9 +79,11 @@ def main():
                 tf = {name: tflops(f, t) for name, t in ms.items()}
                 diff = ((outs["fp8"].float() - outs["bf16"].float()).norm() / outs["bf16"].float().norm()).item()
                 configs = f"{_best('fwd')} / {_best('fwd_fp8')}"
-                print(f"{d:>4} {s:>6} {str(causal):>6} | {ms['bf16']:8.3f} {tf['bf16']:7.0f} | {ms['fp8']:8.3f} "
-                      f"{tf['fp8']:7.0f} | {ms['fp8 vT']:9.3f} {tf['fp8 vT']:7.0f} | {ms['bf16'] / ms['fp8']:8.2f} "
-                      f"{ms['bf16'] / ms['fp8 vT']:8.2f} | {diff:8.2e} | {configs}", flush=True)
+                print(f"{d:>4} {s:>6} {str(causal):>6} | " + " | ".join(f"{ms[n]:9.3f} {tf[n]:7.0f}" for n in names)
+                      + " | " + " ".join(f"{ms['bf16'] / ms[n]:8.2f}" for n in names[1:])
+                      + f" | {diff:8.2e} | {configs}", flush=True)
+                if not torch.equal(outs["fp8 vK"], outs["fp8"]):   # the same products on the same values
+                    print(f"  fp8 vK differs from fp8: max {(outs['fp8 vK'].float() - outs['fp8'].float()).abs().max():.2e}")
                 rows.append(dict(hdim=d, seqlen=s, batch=b, nheads=h, causal=causal, ms=ms, tflops=tf,
                                  rel_diff_fp8_bf16=diff, configs=configs))
     best256 = max((r["tflops"]["fp8 vT"] for r in rows if r["hdim"] == 256), default=None)

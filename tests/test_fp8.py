@@ -392,6 +392,23 @@ def test_interpreter_fp8_forward_v_keys_contiguous_and_gqa_descale(use_backend):
 
 
 @interp
+@pytest.mark.parametrize("case", [(2, 24, 40, 4, 2, 64), (1, 33, 17, 2, 2, 32)], ids=["gqa", "odd"])
+def test_interpreter_fp8_forward_v_as_given(case, use_backend, monkeypatch):
+    """fp8_v_copy = False: v read as it is (head dim contiguous, tiles transposed on chip) gives the bits of the
+    keys-contiguous copy."""
+    from flashattn.backends import triton as tb
+    use_backend("triton")
+    b, sq, sk, h, hk, d = case
+    x = fp8.quantize_qkv(*_qkv(b, sq, sk, h, hk, d, seed=sq), "head")
+    out = flash_attn_func(x.q, x.k, x.v, causal=True, out_dtype=torch.float16, **x.descales())
+    monkeypatch.setattr(tb, "fp8_v_copy", False)
+    read = []
+    monkeypatch.setattr(tb, "_v_keys_contiguous", lambda v: read.append(v) or v)
+    assert torch.equal(flash_attn_func(x.q, x.k, x.v, causal=True, out_dtype=torch.float16, **x.descales()), out)
+    assert not read   # no copy was made
+
+
+@interp
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_interpreter_fp8_backward(causal, use_backend):
     """The FP8 backward kernels (experimental), given the exact out and lse, against the rule of

@@ -357,6 +357,13 @@ def _check(q, descale=None):
                         "unset FLASHATTN_BACKEND to run float32 on the PyTorch path, or convert the inputs")
 
 
+# FP8 forward: True copies v keys-contiguous before the launch unless it comes so (measured: the copy costs 5-20%
+# of the FP8 forward, NOTES.md). False (an experiment, not yet timed) passes v as it is: the kernel then reads
+# head-dim-contiguous V tiles and Triton transposes them on chip (compiled for sm_90: still e4m3 wgmma for P·V,
+# with byte permutes and a smaller shared-memory pipeline for V). Autotuned configs are shared by both layouts.
+fp8_v_copy = True
+
+
 def _v_keys_contiguous(v):
     """v (b, sk, hk, d) with its key axis contiguous (stride 1), as the FP8 forward reads it (an FP8 wgmma
     takes P·V's B operand only K-major, keys contiguous): v itself if it is so already, else a copy whose
@@ -472,7 +479,7 @@ def forward(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0
     bt = _batch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if fp8:
         out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
-        v = _v_keys_contiguous(v)
+        v = _v_keys_contiguous(v) if fp8_v_copy else v
         descale = descale.float().contiguous()
     else:
         out = bt.new_like(q)
