@@ -5,7 +5,7 @@ whole key blocks warp-specialized without a mask, then the diagonal's blocks: co
 backward's WS loops. Prints a table last.
 
     PYTHONPATH=src python benchmarks/check_ws.py [--quick | --fwd-grid] [--bwd-only]
---fwd-grid: the causal forward on the benchmark grid's shapes (batch · seqlen = 16384, 16 heads, hdim 128).
+--fwd-grid: the causal forward only, on the benchmark grid's shapes (batch · seqlen = 16384, 16 heads, hdim 128).
 """
 import sys
 
@@ -76,6 +76,8 @@ brows = []
 BWD_SHAPES = [(1, 1024, 4, 128), (1, 4096, 16, 128), (4, 2048, 16, 64), (1, 16384, 16, 128)][:3 if "--quick" in sys.argv else 4]
 if "--bwd-only" in sys.argv:
     BWD_SHAPES = [(16384 // s, s, 16, d) for d in (128, 64) for s in (2048, 8192)]
+if "--fwd-grid" in sys.argv:
+    BWD_SHAPES = []
 for b, s, h, d in BWD_SHAPES:
     for causal in (False, True):
         g = torch.Generator(device="cuda").manual_seed(1)

@@ -575,6 +575,22 @@ def test_gpu_fp8_keys_contiguous_v_and_compile(use_backend):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_fp8_v_as_given(d, use_backend, monkeypatch):
+    """fp8_v_copy = False (V tiles transposed on chip) against the reference, as test_gpu_fp8_forward."""
+    from flashattn.backends import triton as tb
+    use_backend("triton")
+    monkeypatch.setattr(tb, "fp8_v_copy", False)
+    x = fp8.quantize_qkv(*_qkv(2, 1000, 1024, 8, 2, d, seed=d, device="cuda"), "head")
+    out = flash_attn_func(x.q, x.k, x.v, causal=True, **x.descales())
+    ref = attention_ref(*_dequantized(x), causal=True)[0]
+    bound = _p_quantization_bound(x, ref, torch.bfloat16, 1024, tensor_cores=True, causal=True)
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), f"{(err > bound).sum().item()} over the bound, worst excess {(err - bound).max():.3g}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_fp8_backward(d, use_backend):
     """As the interpreter test: exact out and lse, power-of-two descales, design.md's rule vs fp16."""
     use_backend("triton")
