@@ -8,15 +8,23 @@
 # so 300 examples take over 15 minutes in one process. PROCS processes compile in parallel on the host's
 # cores; process i draws with --hypothesis-seed=i, so the examples differ between processes and a failure
 # is reproduced by rerunning that seed (the log says which). Logs: ${FUZZ_LOG_DIR:-.}/gpu_fuzz_<i>.log.
+# On a host with several GPUs, process i runs on GPU i mod (number of GPUs). Ten thousand examples
+# (`tests/gpu_fuzz.sh 128 80` on the 8-GPU host, like the `-m "gpu and slow"` tier) need ~9,700 distinct kernel
+# builds (counted on the CPU from 10,000 drawn examples; ~1.5-2 s each, shared through Triton's on-disk cache):
+# ~20 minutes of compiling on 16 host cores, ~3 on 128.
 set -u
 procs=${1:-8}
 per=${2:-40}
 shift $(( $# < 2 ? $# : 2 ))
 dir=${FUZZ_LOG_DIR:-.}
 export PYTHONPATH=${PYTHONPATH:-src} FLASHATTN_AUTOTUNE=${FLASHATTN_AUTOTUNE:-0} FLASHATTN_FUZZ_GPU_EXAMPLES=$per
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+[ "${ngpu:-0}" -ge 1 ] || ngpu=1
 pids=()
 for ((i = 0; i < procs; i++)); do
-    python -m pytest -q -m gpu tests/test_fuzz.py -k "test_fuzz_triton_gpu and not 10k" --hypothesis-seed=$i \
+    gpu=()   # several GPUs and no CUDA_VISIBLE_DEVICES set by the caller: spread the processes over them
+    [ "$ngpu" -gt 1 ] && [ -z "${CUDA_VISIBLE_DEVICES+x}" ] && gpu=(CUDA_VISIBLE_DEVICES=$((i % ngpu)))
+    env "${gpu[@]}" python -m pytest -q -m gpu tests/test_fuzz.py -k "test_fuzz_triton_gpu and not 10k" --hypothesis-seed=$i \
         -p no:cacheprovider -W ignore --tb=short "$@" > "$dir/gpu_fuzz_$i.log" 2>&1 &
     pids+=($!)
 done

@@ -413,7 +413,7 @@ def test_fuzz_triton_interpreter_ws(p):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
-@settings(max_examples=int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")) // 3, deadline=None)
+@settings(max_examples=max(1, int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")) // 3), deadline=None)
 @given(ws_problems(WS_GPU_SPACE))
 def test_fuzz_triton_gpu_ws(p):
     check_problem(p, "cuda")
