@@ -32,8 +32,9 @@ if "--bwd-only" in sys.argv:   # (the backward on the benchmark grid's shapes: b
     SHAPES = []
 _WS128 = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)
 _WS64 = dict(_WS128, BLOCK_N=64)
-VARIANTS = {"base": None, "ws128": _WS128, "ws64": _WS64, "split128": dict(_WS128, SPLIT=True),
-            "split64": dict(_WS64, SPLIT=True)}
+# without tiles: the default (level 1) plus these flags; LPT: the query blocks last first (kernels._query_tile)
+VARIANTS = {"base": {}, "lpt": {"LPT": True}, "ws128": _WS128, "ws64": _WS64, "split128": dict(_WS128, SPLIT=True),
+            "split64": dict(_WS64, SPLIT=True), "split128-lpt": dict(_WS128, SPLIT=True, LPT=True)}
 rows = []
 for b, s, sk, h, hk, d in SHAPES:
     for causal in CAUSAL:
@@ -45,7 +46,7 @@ for b, s, sk, h, hk, d in SHAPES:
             ref, ref_lse = attention_ref(q, k, v, causal=causal)
         res = {}
         for name, cfg in VARIANTS.items():
-            T.pinned_configs["fwd"] = cfg or T._default("fwd", d, 1)
+            T.pinned_configs["fwd"] = cfg if "BLOCK_M" in cfg else dict(T._default("fwd", d, 1), **cfg)
             out, lse, _ = flashattn.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
             ran = T._last_default.get(("fwd", d, True, False))
             err = (max((out.double() - ref).abs().max().item(), 0.0),
@@ -58,11 +59,12 @@ for b, s, sk, h, hk, d in SHAPES:
         rows.append((f"b{b} s{s}/{sk} h{h}/{hk} d{d}", causal, res))
         T.pinned_configs.clear()
 print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS)
-      + " | ws128/base | split128/base |")
+      + " | ws128/base | split128/base | lpt/base | split128-lpt/base |")
 for shape, causal, res in rows:
     cells = " | ".join(f"{tf:.0f} | {e[0]:.1e}, {e[1]:.1e}" for tf, e in res.values())
     print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} | "
-          f"{res['split128'][0] / res['base'][0]:.2f} |")
+          f"{res['split128'][0] / res['base'][0]:.2f} | {res['lpt'][0] / res['base'][0]:.2f} | "
+          f"{res['split128-lpt'][0] / res['base'][0]:.2f} |")
 
 # Backward: the warp-specialized dK/dV (MHA, whole tiles) and dQ loops against the defaults, apart and together.
 def _ws(bm, bn):
@@ -70,6 +72,7 @@ def _ws(bm, bn):
 
 
 BWD_VARIANTS = {"base": {}, "dkdv32x128": {"dkdv": _ws(32, 128)}, "dkdv64x128": {"dkdv": _ws(64, 128)},
+                "dq128x64-lpt": {"dq": dict(_ws(128, 64), LPT=True)},
                 "dq128x64": {"dq": _ws(128, 64)}, "dq128x128": {"dq": _ws(128, 128)},
                 "both": {"dkdv": _ws(64, 128), "dq": _ws(128, 64)}}
 brows = []

@@ -48,7 +48,7 @@ _FLOATS = {"sm_scale", "softcap", "keep_scale"}
 _INT64 = {"seed", "drop_threshold"}
 BASE = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
             VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False, FP8=False, ROUND_P=False,
-            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False, PART=0)
+            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False, PART=0, LPT=False)
 VARIANTS = [{}, dict(HAS_LEFT=True, HAS_SINK=True), dict(DROPOUT=True), dict(HAS_GLOBAL=True, HAS_LEFT=True),
             dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True), dict(BLOCK_SPARSE=1, HAS_RIGHT=False), dict(BLOCK_SPARSE=2, HAS_RIGHT=False)]
 KERNELS = {"fwd": (K._attn_fwd, 8), "dkdv": (K._attn_bwd_dkdv, 4), "dq": (K._attn_bwd_dq, 4)}
@@ -107,6 +107,8 @@ def compile_one(name, variant, aligned=False):
     attrs = alignment_hints(fn, sig) if flags["FP8"] or aligned else None
     if name != "fwd":
         flags.pop("PART")
+    if name == "dkdv":
+        flags.pop("LPT")
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 

@@ -14,7 +14,7 @@ L=/tmp/exp; mkdir -p $L
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $L/gpu.txt
 python -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $L/gpu.txt
 ( FLASHATTN_AUTOTUNE=0 timeout -s INT 200 python -m pytest -q -m "gpu and not slow" -p no:cacheprovider -W ignore \
-    --tb=short tests/test_triton.py -k "warp_specialized" > $L/t_ws.log 2>&1
+    --tb=short tests/test_triton.py -k "warp_specialized or reverse" > $L/t_ws.log 2>&1
   FLASHATTN_AUTOTUNE=0 timeout -s INT 100 python -m pytest -q -m "gpu and not slow" -p no:cacheprovider -W ignore \
     --tb=short tests/test_fp8.py -k "v_as_given or gpu_fp8_forward" > $L/t_fp8.log 2>&1 ) &
 tests_pid=$!

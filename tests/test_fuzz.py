@@ -151,6 +151,7 @@ def _tiles(draw, space: Space, p) -> None:
     else:
         p["tile_config"] = draw(st.integers(-1, 7))   # GPU: -1 the default config, else a candidate (modulo)
     p["load"] = draw(st.sampled_from(space.loads))
+    p["lpt"] = draw(st.booleans())   # the forward's and dQ's query blocks last first (kernels._query_tile)
 
 
 @st.composite
@@ -194,6 +195,8 @@ def problem_id(p) -> str:
         opts.append(f"new{p['s_new']}-page{p['page_size']}-splits{p.get('num_splits', 0)}")
     if p.get("load", "pointers") != "pointers":
         opts.append(p["load"])
+    if p.get("lpt"):
+        opts.append("lpt")
     return "-".join(opts)
 
 
@@ -235,6 +238,9 @@ def _env(stack: ExitStack, p, device):
                 cfg["fwd"]["SPLIT"] = True
         else:
             cfg = {}
+        for name in ("fwd", "dq"):
+            if name in cfg and p.get("lpt"):
+                cfg[name]["LPT"] = True
         stack.enter_context(mock.patch.dict(tb.pinned_configs, cfg, clear=True))
 
 

@@ -108,6 +108,29 @@ def test_interpreter_split_forward(case, triton_backend, monkeypatch):
 
 
 @interp
+def test_interpreter_query_blocks_in_reverse(triton_backend, monkeypatch):
+    """LPT configs (forward, dQ): the programs take the query blocks last first. Only the order changes: a dense
+    batch matches the reference, and a packed batch (whose shorter sequences meet their empty blocks first) gives
+    the bits of the usual order, out and gradients."""
+    from flashattn.backends import triton as tb
+    lpt = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, LPT=True)
+    monkeypatch.setitem(tb.pinned_configs, "fwd", lpt)
+    monkeypatch.setitem(tb.pinned_configs, "dq", lpt)
+    q, k, v = make_qkv(2, 45, 60, 2, 1, 16, torch.float16, seed=5)
+    run_and_compare(flash_attn_func, q, k, v, causal=True, name="lpt")
+    cu = torch.tensor([0, 45, 48, 78], dtype=torch.int32)
+    q, k, v = (x[0] for x in make_qkv(1, 78, 78, 2, 2, 16, torch.float16, seed=6, requires_grad=True))
+
+    def run():
+        out = flash_attn_varlen_func(q, k, v, cu, cu, 45, 45, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    reversed_ = run()
+    tb.pinned_configs.clear()
+    assert all(torch.equal(a, b) for a, b in zip(reversed_, run()))
+
+
+@interp
 def test_interpreter_strided_packed_qkv(triton_backend):
     """Slices of a packed qkv: only the last dim is contiguous; gradients land in the packed tensor."""
     qkv = torch.randn(2, 37, 3, 2, 16, dtype=torch.float16)
@@ -246,6 +269,28 @@ def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
     assert ran["fwd"].get("WS") and bool(ran["fwd"].get("SPLIT")) == (split and bool(mask)), ran
     assert bool(ran["dkdv"].get("WS")) == (sq % 128 == 0 and h == hk), ran
     assert bool(ran["dq"].get("WS")) == (sq % 128 == 0), ran
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fwd", ["default", "split"])
+def test_gpu_query_blocks_in_reverse(fwd, triton_backend, monkeypatch):
+    """LPT configs on the GPU (the forward's default tiles or the split warp-specialized forward, dQ's
+    default): only the programs' order changes, so out and the gradients keep the usual order's bits."""
+    from flashattn.backends import triton as tb
+    q, k, v = make_qkv(2, 1024, 1024, 8, 8, 128, torch.bfloat16, device="cuda", seed=3, requires_grad=True)
+    fcfg = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True, SPLIT=True)
+            if fwd == "split" else tb._default("fwd", 128, 1))
+    qcfg = tb._default("dq", 128, 2, True)
+
+    def run(lpt):
+        monkeypatch.setitem(tb.pinned_configs, "fwd", dict(fcfg, LPT=lpt))
+        monkeypatch.setitem(tb.pinned_configs, "dq", dict(qcfg, LPT=lpt))
+        out = flash_attn_func(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+    run_and_compare(flash_attn_func, q.detach(), k.detach(), v.detach(), causal=True)   # (LPT still pinned)
 
 
 @gpu

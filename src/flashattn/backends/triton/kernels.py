@@ -210,6 +210,17 @@ def _q_blocks(start_n, seqlen_q, seqlen_k, left, right, num_sink, BLOCK_M: tl.co
 
 
 @triton.jit
+def _query_tile(LPT: tl.constexpr):
+    """This program's query block (forward, dQ). LPT (longest processing time first): program 0 takes the last
+    block. Under a causal mask the last query blocks see the most keys; the GPU starts programs roughly in order,
+    so launching them first leaves the light blocks for the grid's last wave instead of one heavy block."""
+    qb = tl.program_id(0)
+    if LPT:
+        qb = tl.num_programs(0) - 1 - qb
+    return qb
+
+
+@triton.jit
 def _sequence(CuQ, CuK, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(first query row, first key row, seqlen_q, seqlen_k) of batch entry off_b. Packed (varlen)
     batches read them from cu_seqlens; dense ones start at row 0 with the launch's seqlens."""
@@ -432,18 +443,20 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
               VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
               BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-              PART: tl.constexpr = 0):
+              PART: tl.constexpr = 0, LPT: tl.constexpr = False):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
     PART: 0 every key block the rows may see; 1 only the blocks every row sees whole (no mask: with WS, the
     warp-specialized loop without the diagonal), writing that partial result; 2 the other blocks (the masked
     edges of the window, the sinks), resuming from PART 1's out and lse (same BLOCK_M and BLOCK_N; not WS, FP8).
+    LPT: the query blocks in reverse order (_query_tile).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b].
     FP8: Q, K, V float8 e4m3, V with its key axis contiguous (stride_vn = 1, stride_vd its head-dim
     stride); Descale (batch, nheads_k, 3) float32 holds the q, k, v descale factors of each
     (batch, kv head); Out is bf16 or fp16. stride_vd is unused otherwise (the head dim is contiguous)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    qb = _query_tile(LPT)
+    start_m = qb * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = off_bh % nheads
@@ -514,7 +527,6 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
         acc, l_i, m_i = _attn_fwd_ws(acc, l_i, m_i, q, K_bh, V_bh, hi, start_m + seqlen_k - seqlen_q + right,
                                      sm_scale, HAS_RIGHT, BLOCK_M, BLOCK_N)
     elif BLOCK_SPARSE:   # the key blocks the block mask lists for this query block, each masked
-        qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
@@ -889,11 +901,12 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                  BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TMA: tl.constexpr = False, WS: tl.constexpr = False):
+                 TMA: tl.constexpr = False, WS: tl.constexpr = False, LPT: tl.constexpr = False):
     """One program: dQ of one block of BLOCK_M queries of one (batch, head); no atomics.
-    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv.
+    Grid (cdiv(seqlen_q, BLOCK_M), batch·nheads). FP8 (experimental): as in _attn_bwd_dkdv. LPT: as in _attn_fwd.
     WS: the warp-specialized key loop _attn_bwd_dq_ws (the launcher's conditions: _tma_level)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    qb = _query_tile(LPT)
+    start_m = qb * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = off_bh % nheads
@@ -959,7 +972,6 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Alibi, CuQ, CuK, Glob, SpCnt, SpId
         dq = _attn_bwd_dq_ws(dq, q, do, lse2, delta, K_bh, V_bh, tl.cdiv(bounds[4], BLOCK_N) * BLOCK_N,
                              start_m + seqlen_k - seqlen_q + right, s_scale, HAS_RIGHT, BLOCK_M, BLOCK_N)
     elif BLOCK_SPARSE:   # as in the forward
-        qb = tl.program_id(0)
         sp = off_b * stride_sb + off_h * stride_sh + qb * n_kb
         count = tl.load(SpCnt + off_b * stride_cb + off_h * stride_ch + qb)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K_bh, V_bh, count * 0, count * BLOCK_N, offs_m,
