@@ -1,10 +1,9 @@
 """GPU check of the warp-specialized forward (WS) against the non-WS default (level-1 config: descriptors
 where they are the default, no WS): error of out and lse vs the float64 reference and TFLOP/s, per shape,
-causal and not (partly filled last query blocks included). "split": the causal forward in two launches (the
-whole key blocks warp-specialized without a mask, then the diagonal's blocks: config SPLIT). Then the
-backward's WS loops. Prints a table last.
+causal and not (partly filled last query blocks included); "lpt": query blocks last first (kernels._query_tile).
+Then the backward's WS loops. Prints a table last.
 
-    PYTHONPATH=src python benchmarks/check_ws.py [--quick | --fwd-grid] [--bwd-only]
+    PYTHONPATH=src python benchmarks/check_ws.py [--quick | --fwd-grid] [--bwd-only] [--variants a,b]
 --fwd-grid: the causal forward only, on the benchmark grid's shapes (batch · seqlen = 16384, 16 heads, hdim 128).
 """
 import sys
@@ -33,8 +32,10 @@ if "--bwd-only" in sys.argv:   # (the backward on the benchmark grid's shapes: b
 _WS128 = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True)
 _WS64 = dict(_WS128, BLOCK_N=64)
 # without tiles: the default (level 1) plus these flags; LPT: the query blocks last first (kernels._query_tile)
-VARIANTS = {"base": {}, "lpt": {"LPT": True}, "ws128": _WS128, "ws64": _WS64, "split128": dict(_WS128, SPLIT=True),
-            "split64": dict(_WS64, SPLIT=True), "split128-lpt": dict(_WS128, SPLIT=True, LPT=True)}
+VARIANTS = {"base": {}, "lpt": {"LPT": True}, "ws128": _WS128, "ws64": _WS64, "ws128-lpt": dict(_WS128, LPT=True)}
+if "--variants" in sys.argv:   # a comma-separated subset (base and ws128 are always kept: the ratios use them)
+    keep = set(sys.argv[sys.argv.index("--variants") + 1].split(",")) | {"base", "ws128"}
+    VARIANTS = {n: c for n, c in VARIANTS.items() if n in keep}
 rows = []
 for b, s, sk, h, hk, d in SHAPES:
     for causal in CAUSAL:
@@ -58,13 +59,12 @@ for b, s, sk, h, hk, d in SHAPES:
                   f"err out/lse {err}", flush=True)
         rows.append((f"b{b} s{s}/{sk} h{h}/{hk} d{d}", causal, res))
         T.pinned_configs.clear()
-print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS)
-      + " | ws128/base | split128/base | lpt/base | split128-lpt/base |")
+print("\n| shape | causal | " + " | ".join(f"{n} TFLOP/s | {n} err out, lse" for n in VARIANTS) + " | "
+      + " | ".join(f"{n}/base" for n in VARIANTS if n != "base") + " |")
 for shape, causal, res in rows:
     cells = " | ".join(f"{tf:.0f} | {e[0]:.1e}, {e[1]:.1e}" for tf, e in res.values())
-    print(f"| {shape} | {causal} | {cells} | {res['ws128'][0] / res['base'][0]:.2f} | "
-          f"{res['split128'][0] / res['base'][0]:.2f} | {res['lpt'][0] / res['base'][0]:.2f} | "
-          f"{res['split128-lpt'][0] / res['base'][0]:.2f} |")
+    print(f"| {shape} | {causal} | {cells} | " + " | ".join(f"{res[n][0] / res['base'][0]:.2f}" for n in res if n != "base")
+          + " |")
 
 # Backward: the warp-specialized dK/dV (MHA, whole tiles) and dQ loops against the defaults, apart and together.
 def _ws(bm, bn):

@@ -15,7 +15,8 @@ variants compile without hints, as the recorded histograms were made. The wgmma 
 
 --ws compiles the warp-specialized variants (hdim 128, the WS configs' 4 warps and 2 stages) and checks that
 Triton's warp specializer took each loop (`ttg.warp_specialize` in the TTGIR): it declines silently, e.g. when
-a product stands beside the loop, and the kernel then runs unspecialized.
+a product stands beside the loop (tried for the causal forward's diagonal: benchmarks/NOTES.md), and the kernel
+then runs unspecialized.
 
     python benchmarks/compile_check.py [--quick | --fp8 | --ws] [--hist FILE.json] [--regs] [--aligned]
 --regs runs Triton's bundled ptxas -v on each PTX and prints registers per thread and spilled bytes;
@@ -48,7 +49,7 @@ _FLOATS = {"sm_scale", "softcap", "keep_scale"}
 _INT64 = {"seed", "drop_threshold"}
 BASE = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False,
             VARLEN=False, HAS_SINK=False, DROPOUT=False, HAS_GLOBAL=False, BLOCK_SPARSE=False, FP8=False, ROUND_P=False,
-            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False, PART=0, LPT=False)
+            BLOCK_M=128, BLOCK_N=64, SUB_M=1, TMA=False, WS=False, LPT=False)
 VARIANTS = [{}, dict(HAS_LEFT=True, HAS_SINK=True), dict(DROPOUT=True), dict(HAS_GLOBAL=True, HAS_LEFT=True),
             dict(VARLEN=True, SOFTCAP=True, HAS_ALIBI=True), dict(BLOCK_SPARSE=1, HAS_RIGHT=False), dict(BLOCK_SPARSE=2, HAS_RIGHT=False)]
 KERNELS = {"fwd": (K._attn_fwd, 8), "dkdv": (K._attn_bwd_dkdv, 4), "dq": (K._attn_bwd_dq, 4)}
@@ -62,10 +63,9 @@ FP8_VARIANTS = [("fwd", _FP8_128), ("fwd", dict(_FP8_128, HAS_RIGHT=False)),
 
 
 # (kernel, flags): the warp-specialized loops as the launcher runs them (WS configs: 4 warps per warpgroup, 2 stages;
-# GROUP 1 for dK/dV); fwd PART 1 is the split forward's whole blocks (the diagonal's PART 2 is not specialized)
+# GROUP 1 for dK/dV)
 _WS = dict(TMA=True, WS=True, GROUP=1, warps=4, stages=2)
-WS_VARIANTS = [("fwd", dict(_WS, HAS_RIGHT=False, BLOCK_N=128)), ("fwd", dict(_WS, BLOCK_N=128)),
-               ("fwd", dict(_WS, BLOCK_N=128, PART=1)), ("fwd", dict(_WS, PART=1)),
+WS_VARIANTS = [("fwd", dict(_WS, HAS_RIGHT=False, BLOCK_N=128)), ("fwd", dict(_WS, BLOCK_N=128)), ("fwd", dict(_WS)),
                ("dkdv", dict(_WS, HAS_RIGHT=False, BLOCK_M=64, BLOCK_N=128)), ("dkdv", dict(_WS, BLOCK_M=32, BLOCK_N=128)),
                ("dq", dict(_WS, HAS_RIGHT=False)), ("dq", dict(_WS))]
 
@@ -105,8 +105,6 @@ def compile_one(name, variant, aligned=False):
     warps, stages = flags.pop("warps", warps), flags.pop("stages", 3)
     sig, consts = signature(fn, flags)
     attrs = alignment_hints(fn, sig) if flags["FP8"] or aligned else None
-    if name != "fwd":
-        flags.pop("PART")
     if name == "dkdv":
         flags.pop("LPT")
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),

@@ -1,12 +1,13 @@
 #!/bin/bash
-# The experiments prepared without a GPU (benchmarks/NOTES.md, sixth session), checked and timed in one device
-# call (at most ~9.5 minutes on an H100/H200): correctness first, then the timings; a short summary last.
+# What the sixth session prepared without a GPU or measured only on an H100 (benchmarks/NOTES.md), checked and
+# timed in one device call (at most ~9.5 minutes): correctness first, then the timings; a short summary last.
 #
 #   OUT=... bash benchmarks/gpu_experiments.sh
 #
-# 1. the GPU tests of the warp-specialized loops (the split forward included) and of the FP8 forward (V read as
-#    given included), and the GPU fuzz of the warp-specialized space (4 processes x 30 examples);
-# 2. check_ws.py --fwd-grid: the causal forward, base vs WS vs split, on the benchmark grid (hdim 128);
+# 1. the GPU tests of the warp-specialized loops and of the LPT order, of the FP8 forward (V read as given
+#    included), and the GPU fuzz of the warp-specialized space (4 processes x 30 examples);
+# 2. check_ws.py --fwd-grid: the causal forward, base vs WS (the hdim-128 default since the H100 run) vs LPT, on
+#    the benchmark grid (hdim 128): to be confirmed on the H200;
 # 3. bench_fp8.py at hdim 128/256, seqlen 4096/16384: fp8 (copy) vs fp8 vT vs fp8 vK (V transposed on chip).
 # Logs in /tmp/exp, tarred to $OUT/exp.tgz.
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -9,14 +9,15 @@ Examples per run ('ci' profile; HYPOTHESIS_PROFILE=slow multiplies the CPU count
     torch path (80%) / reference backend (20%)  400      fp32, fp64, fp16, bf16  seqlens 0..300, hdim 8..256, tiles drawn
     Triton kernels under the interpreter         80      fp16                    seqlens 0..40, hdim 8..64, tiles 16/32,
                                                                                  pointer or descriptor (TMA) loads
-      + the warp-specialized loops               60      fp16                    seqlen_k 128/256, hdim 16/32, WS or split
+      + the warp-specialized loops            40 + 20    fp16                    seqlen_k 128/256, hdim 16/32, WS configs,
+                                                                                 seqlen_q whole tiles / anywhere
       + every mask diagonal on every tile edge  120 calls (test_mask_edges_triton_interpreter, not random)
     Triton on the GPU, -m "gpu and not slow"    300      bf16, fp16              seqlens 0..300 (1 in 8 up to 2000),
     Triton on the GPU, -m "gpu and slow"      10000      bf16, fp16              hdim 8..256, tile configs drawn
                                                           (FLASHATTN_FUZZ_EXAMPLES=n changes the 10000,
                                                           FLASHATTN_FUZZ_GPU_EXAMPLES=n the 300)
       + the warp-specialized loops              100      bf16, fp16              seqlen_k 128..2048, hdim 64/128,
-                                                          (a third of FLASHATTN_FUZZ_GPU_EXAMPLES) WS or split configs
+                                                          (a third of FLASHATTN_FUZZ_GPU_EXAMPLES) WS configs
 
 Seqlens favour tile boundaries (ragged tails) and, half the time, put the causal diagonal within 2 keys of
 a multiple of 16. The CPU tests are derandomized in the 'ci' profile (the same examples on every run: a CI
@@ -75,12 +76,11 @@ GPU_SPACE = Space(["triton"], ["bfloat16", "float16"], 300, [8, 16, 32, 40, 59, 
 # without score options (backends/triton._tma_level), which the spaces above seldom draw: these draw seqlens in
 # multiples of 128 (queries also anywhere below the keys), causal / right windows / none, and ask for them.
 WS_INTERP_SPACE = Space(["triton"], ["float16"], 256, [16, 32], 2, [1, 1, 2], budget=2e6, tiles=([16, 32], [16, 32]),
-                        loads=("ws", "split"))
+                        loads=("ws",))
 WS_GPU_SPACE = Space(["triton"], ["bfloat16", "float16"], 2048, [64, 128, 128], 4, [1, 1, 2], budget=2e10,
-                     tiles=None, loads=("ws", "split"))
+                     tiles=None, loads=("ws",))
 # load path -> the flags asked of every kernel's config (the launcher drops what a call does not allow)
-LOADS = {"pointers": {}, "tma": {"TMA": True}, "ws": {"TMA": True, "WS": True},
-         "split": {"TMA": True, "WS": True, "SPLIT": True}}
+LOADS = {"pointers": {}, "tma": {"TMA": True}, "ws": {"TMA": True, "WS": True}}
 
 BOUNDARIES = [0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 299, 300]
 
@@ -155,15 +155,15 @@ def _tiles(draw, space: Space, p) -> None:
 
 
 @st.composite
-def ws_problems(draw, space: Space):
+def ws_problems(draw, space: Space, whole_q: bool):
     """Dense problems the warp-specialized loops accept (mostly): seqlen_k a multiple of 128, seqlen_q one too
-    or anywhere up to seqlen_k (the forward's loop takes partial query tiles), causal, a right window or none;
-    1 in 8 with softcap or a left window, which must fall back to the other loops."""
+    (whole_q: the backward's loops need whole query tiles) or anywhere up to seqlen_k (the forward's loop takes
+    partial ones), causal, a right window or none; 1 in 8 with softcap or a left window, which must fall back
+    to the other loops."""
     batch, nheads_k = draw(st.integers(1, 2)), draw(st.integers(1, space.max_heads_k))
     group, headdim = draw(st.sampled_from(space.groups)), draw(st.sampled_from(space.headdims))
     sk = 128 * draw(st.integers(1, space.max_seqlen // 128))
-    whole = st.sampled_from([128 * i for i in range(1, sk // 128 + 1)])   # the backward's loops need these
-    sq = draw(st.one_of(whole, whole, st.integers(1, sk)))
+    sq = draw(st.sampled_from([128 * i for i in range(1, sk // 128 + 1)]) if whole_q else st.integers(1, sk))
     mask = draw(st.sampled_from(["none", "causal", "causal", "right"]))
     odd = draw(st.integers(0, 7)) == 0
     p = dict(layout="dense", batch=batch, nheads_k=nheads_k, group=group, headdim=headdim,
@@ -222,20 +222,16 @@ def _env(stack: ExitStack, p, device):
         if "tiles" in p:        # the interpreter: any tile sizes (warps and stages mean nothing there)
             bm, bn = p["tiles"]
             cfg = {name: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, **flags) for name in ("fwd", "dkdv", "dq")}
-            for name in ("dkdv", "dq"):
-                cfg[name].pop("SPLIT", None)
         elif p.get("tile_config", -1) >= 0:   # the GPU: one of the autotuning candidates for this head dim
             bd = max(16, 1 << (p["headdim"] - 1).bit_length())
             cfg = {}
             for name in ("fwd", "dkdv", "dq"):
-                # the candidates of a launch that allows everything, or (ws/split) the warp-specialized ones
+                # the candidates of a launch that allows everything, or (ws) the warp-specialized ones
                 cands = tb._KEEP[name](tb._CONFIGS[name], {"tma_ok": 2}, BLOCK_D=bd)
                 if flags.get("WS"):
                     cands = [c for c in cands if c.kwargs.get("WS")] or cands
                 c = cands[p["tile_config"] % len(cands)]
                 cfg[name] = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            if flags.get("SPLIT") and cfg["fwd"].get("WS"):
-                cfg["fwd"]["SPLIT"] = True
         else:
             cfg = {}
         for name in ("fwd", "dq"):
@@ -411,16 +407,23 @@ def test_fuzz_triton_gpu(p):
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="the interpreter tier runs on machines without a GPU")
-@settings(max_examples=60 * FACTOR, **CI_SETTINGS)
-@given(ws_problems(WS_INTERP_SPACE))
+@settings(max_examples=40 * FACTOR, **CI_SETTINGS)
+@given(ws_problems(WS_INTERP_SPACE, whole_q=True))
 def test_fuzz_triton_interpreter_ws(p):
+    check_problem(p)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter tier runs on machines without a GPU")
+@settings(max_examples=20 * FACTOR, **CI_SETTINGS)
+@given(ws_problems(WS_INTERP_SPACE, whole_q=False))
+def test_fuzz_triton_interpreter_ws_ragged(p):
     check_problem(p)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
 @settings(max_examples=max(1, int(os.environ.get("FLASHATTN_FUZZ_GPU_EXAMPLES", "300")) // 3), deadline=None)
-@given(ws_problems(WS_GPU_SPACE))
+@given(ws_problems(WS_GPU_SPACE, whole_q=True))
 def test_fuzz_triton_gpu_ws(p):
     check_problem(p, "cuda")
 

@@ -84,29 +84,6 @@ def test_interpreter_load_paths(path, triton_backend, monkeypatch):
         assert bool(used.get("TMA")) == tma and bool(used.get("WS")) == ws, (kernel, used)
 
 
-# (seqlen_q, seqlen_k, mask, tiles BLOCK_M x BLOCK_N): whole and partial query tiles, diagonal offsets that are
-# and are not multiples of the tiles, a right window, tiles taller and wider than each other
-SPLIT_CASES = [(128, 128, dict(causal=True), (16, 16)), (40, 128, dict(causal=True), (32, 16)),
-               (100, 256, dict(causal=True), (16, 32)), (128, 256, dict(window_size=(-1, 5)), (32, 16)),
-               (72, 128, dict(window_size=(-1, 21)), (16, 32))]
-
-
-@interp
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "q{}-k{}-{}-{}x{}".format(
-    *c[:2], "-".join(f"{k}{v}" for k, v in c[2].items()), *c[3]))
-def test_interpreter_split_forward(case, triton_backend, monkeypatch):
-    """The split forward (config SPLIT): the whole key blocks in the warp-specialized loop without a mask, then
-    the diagonal's blocks in a second launch that resumes from the first one's out and lse."""
-    from flashattn.backends import triton as tb
-    sq, sk, mask, (bm, bn) = case
-    monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=True,
-                                                       WS=True, SPLIT=True))
-    q, k, v = make_qkv(1, sq, sk, 2, 2, 32, torch.float16, seed=sq + sk)
-    run_and_compare(flash_attn_func, q, k, v, name="split", check_grads=sq == 40, **mask)
-    ran = tb._last_default[("fwd", 32, True, True)]   # (launch_config returns a pinned config as it is)
-    assert ran.get("SPLIT") and ran.get("WS"), ran
-
-
 @interp
 def test_interpreter_query_blocks_in_reverse(triton_backend, monkeypatch):
     """LPT configs (forward, dQ): the programs take the query blocks last first. Only the order changes: a dense
@@ -242,23 +219,19 @@ WS_GPU_CASES = [(2, 384, 384, 4, 4, 128, dict()), (2, 384, 384, 4, 4, 128, dict(
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("config", ["fwd128x128-dkdv32x128", "fwd128x64-dkdv64x128", "fwd128x128split-dkdv32x128",
-                                    "fwd128x64split-dkdv64x128"])
+@pytest.mark.parametrize("config", ["fwd128x128-dkdv32x128", "fwd128x64-dkdv64x128"])
 @pytest.mark.parametrize("case", WS_GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items()) or "full"))
 def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
     """Every warp-specialized loop on the GPU, also those not on by default there: the
-    forward (dense, causal, right window; masked in the loop or split: the whole blocks warp-specialized, the
-    diagonal in a second launch), dK/dV (MHA, whole query tiles) and dQ (whole query tiles), at two tile
-    shapes each."""
+    forward (dense, causal, right window), dK/dV (MHA, whole query tiles) and dQ (whole query tiles), at two
+    tile shapes each."""
     from flashattn.backends import triton as tb
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("Triton's warp specialization targets Hopper (sm_90)")
     b, sq, sk, h, hk, d, mask = case
     bn = 128 if config.startswith("fwd128x128") else 64
-    split = "split" in config
-    monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True,
-                                                       SPLIT=split))
+    monkeypatch.setitem(tb.pinned_configs, "fwd", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
     monkeypatch.setitem(tb.pinned_configs, "dkdv", dict(BLOCK_M=128 // (bn // 32), BLOCK_N=128, num_warps=4, num_stages=2,
                                                        TMA=True, WS=True))
     monkeypatch.setitem(tb.pinned_configs, "dq", dict(BLOCK_M=128, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True))
@@ -266,21 +239,20 @@ def test_gpu_warp_specialized(case, config, triton_backend, monkeypatch):
     _poison_cuda_cache()
     run_and_compare(flash_attn_func, q, k, v, **mask)
     ran = {kernel: tb._last_default[(kernel, d, True, False)] for kernel in ("fwd", "dkdv", "dq")}
-    assert ran["fwd"].get("WS") and bool(ran["fwd"].get("SPLIT")) == (split and bool(mask)), ran
+    assert ran["fwd"].get("WS"), ran
     assert bool(ran["dkdv"].get("WS")) == (sq % 128 == 0 and h == hk), ran
     assert bool(ran["dq"].get("WS")) == (sq % 128 == 0), ran
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fwd", ["default", "split"])
+@pytest.mark.parametrize("fwd", ["pointers", "warp-specialized"])
 def test_gpu_query_blocks_in_reverse(fwd, triton_backend, monkeypatch):
-    """LPT configs on the GPU (the forward's default tiles or the split warp-specialized forward, dQ's
-    default): only the programs' order changes, so out and the gradients keep the usual order's bits."""
+    """LPT configs on the GPU (the forward's pointer-load default or its warp-specialized one, dQ's default):
+    only the programs' order changes, so out and the gradients keep the usual order's bits."""
     from flashattn.backends import triton as tb
     q, k, v = make_qkv(2, 1024, 1024, 8, 8, 128, torch.bfloat16, device="cuda", seed=3, requires_grad=True)
-    fcfg = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, TMA=True, WS=True, SPLIT=True)
-            if fwd == "split" else tb._default("fwd", 128, 1))
+    fcfg = tb._default("fwd", 128, 2 if fwd == "warp-specialized" else 1, True)
     qcfg = tb._default("dq", 128, 2, True)
 
     def run(lpt):

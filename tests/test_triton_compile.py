@@ -22,10 +22,10 @@ def test_kernels_compile_for_sm90_with_wgmma(tmp_path):
 
 def test_warp_specialized_loops_are_specialized(tmp_path):
     """Triton's warp specializer declines a loop silently (the kernel then runs unspecialized, and slower): every
-    WS variant the launcher runs, the split forward's first half included, must come out specialized."""
+    WS variant the launcher runs must come out specialized."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--ws"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("OK ") == 8 and "0 failed" in res.stdout, res.stdout
+    assert res.stdout.count("OK ") == 7 and "0 failed" in res.stdout, res.stdout

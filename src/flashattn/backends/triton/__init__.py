@@ -192,9 +192,11 @@ def _default(kernel: str, block_d: int, tma_ok: int = 0, causal: bool = False):
         table = {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 4, 3), "dq": (128, 32, 4, 3)}
     else:   # head dims up to 256: smaller tiles keep q, k, v and the accumulator within shared memory/registers
         table = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
-    # warp-specialized where it measured faster (NOTES.md, 2026-12-05): forward 1.31x non-causal (causal 0.93x:
-    # its mask runs on every block); backward dQ 1.04-1.09x, dK/dV with it 1.05-1.14x non-causal; not at hdim 64
-    ws = {("fwd", False): (128, 128), ("dq", False): (128, 64), ("dq", True): (128, 64), ("dkdv", False): (64, 128)}
+    # warp-specialized where it measured faster (NOTES.md, 2026-12-05): forward 1.31x non-causal, causal 1.06-1.19x on
+    # the benchmark grid (H100, two runs; 0.93x on one H200 shape of 512 programs, b1 s4096 h16); backward dQ
+    # 1.04-1.09x, dK/dV with it 1.05-1.14x non-causal; not at hdim 64
+    ws = {("fwd", False): (128, 128), ("fwd", True): (128, 128), ("dq", False): (128, 64), ("dq", True): (128, 64),
+          ("dkdv", False): (64, 128)}
     if tma_ok >= 2 and block_d == 128 and (kernel, causal) in ws:
         bm, bn = ws[(kernel, causal)]
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, TMA=True, WS=True)
@@ -303,30 +305,11 @@ def _launch(kernel: str, grid_rows: int, grid_cols: int, args, meta, block_mask=
         _last[kernel] = dict(config["kwargs"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     else:
         cfg = pinned_configs.get(kernel) or _default(kernel, block_d, tma_ok, bool(meta["HAS_RIGHT"]))
-        # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2; SPLIT: a warp-specialized
-        # causal or right-windowed forward) runs without it
+        # a pinned config asking for more than these inputs allow (TMA: level 1, WS: 2) runs without it
         cfg = {k: v for k, v in cfg.items() if _allowed(k, tma_ok)}
-        split = cfg.pop("SPLIT", False) and cfg.get("WS") and kernel == "fwd" and bool(meta["HAS_RIGHT"])
-        grid = (triton.cdiv(grid_rows, cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]), grid_cols)
-        if split:
-            # The whole key blocks in the warp-specialized loop without a mask, then the diagonal's masked blocks
-            # in a second launch resuming from that partial out and lse (kernels._attn_fwd's PART): Triton 3.6
-            # specializes one loop only (no key loop or product beside it: NOTES.md), and the causal WS loop, which
-            # masks every block, ran at 0.83-0.93x the kernel without WS.
-            ran = dict(_run(kernel, grid, args, dict(meta, PART=1), cfg), SPLIT=True)
-            _run(kernel, grid, args, dict(meta, PART=2), _resume_config(cfg))
-        else:
-            ran = _run(kernel, grid, args, meta, cfg)
+        block = cfg["BLOCK_M" if kernel != "dkdv" else "BLOCK_N"]
+        ran = _run(kernel, (triton.cdiv(grid_rows, block), grid_cols), args, meta, cfg)
         _last_default[(kernel, block_d, kernel in pinned_configs, _interpreting())] = ran
-
-
-def _resume_config(cfg: dict) -> dict:
-    """The config of a split forward's second launch (PART 2): the first one's tiles (both halves must cut the key
-    range at the same block), pointer loads, no warp specialization, one stage (a program walks 1-3 key
-    blocks; compiled for sm_90 at head dim 128 the 128x128 tiles on 8 warps spill 72 B with 2 stages, none with
-    one; ptxas crashes on their descriptor build), 8 warps for 128-row tiles (4 spill the accumulator)."""
-    warps = 8 if cfg["BLOCK_M"] >= 128 and not _interpreting() else 4
-    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=warps, num_stages=1)
 
 
 def launch_config(kernel: str, block_d: int) -> dict:

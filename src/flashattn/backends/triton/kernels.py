@@ -443,12 +443,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
               VARLEN: tl.constexpr, HAS_SINK: tl.constexpr, DROPOUT: tl.constexpr, HAS_GLOBAL: tl.constexpr,
               BLOCK_SPARSE: tl.constexpr, FP8: tl.constexpr, ROUND_P: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-              PART: tl.constexpr = 0, LPT: tl.constexpr = False):
+              LPT: tl.constexpr = False):
     """One program: one block of BLOCK_M queries of one (batch, head). Grid (cdiv(max seqlen_q, BLOCK_M), batch·nheads).
 
-    PART: 0 every key block the rows may see; 1 only the blocks every row sees whole (no mask: with WS, the
-    warp-specialized loop without the diagonal), writing that partial result; 2 the other blocks (the masked
-    edges of the window, the sinks), resuming from PART 1's out and lse (same BLOCK_M and BLOCK_N; not WS, FP8).
     LPT: the query blocks in reverse order (_query_tile).
 
     Varlen (packed) batches: stride_*b = 0 and each sequence's rows start at cu_seqlens[b].
@@ -500,25 +497,13 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
         sm_scale = sm_scale * tl.load(ds) * tl.load(ds + 1)
         v_descale = tl.load(ds + 2)
 
-    if PART == 2:
-        # PART 1's normalized partial (out, lse) is the online-softmax state (m, l, acc) = (lse, 1, out) in the
-        # exp2 domain: sum_j exp2(s_j - lse) = 1 over its keys. Rows it left empty (lse = -inf) restart from zero.
-        lse_1 = tl.load(lse_ptrs, mask=rows_ok, other=float("-inf"))
-        m_i = lse_1 * 1.4426950408889634
-        l_i = tl.where(lse_1 == float("-inf"), 0.0, 1.0)
-        o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
-                  + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :])
-        acc = tl.load(o_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_key, q_global, bounds = _query_block(offs_m, seed, off_b * nheads + off_h, Glob, start_m, seqlen_q,
                                              seqlen_k, left, right, num_sink, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                              HAS_SINK, DROPOUT, HAS_GLOBAL)
-    if WS and PART == 1:   # the whole blocks, unmasked (PART 2 adds the diagonal's)
-        acc, l_i, m_i = _attn_fwd_ws(acc, l_i, m_i, q, K_bh, V_bh, bounds[3], 0, sm_scale, False, BLOCK_M, BLOCK_N)
-    elif WS:
+    if WS:
         # Warp-specialized (Hopper: a producer warpgroup issues the TMA loads, two consumer warpgroups of
         # BLOCK_M / 2 rows compute). Triton 3.6 compiles that only for one key loop without run-time branches
         # in it, so the launcher allows WS only for dense, causal or right-windowed attention without
@@ -539,7 +524,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
         # Full blocks first: a row's max then comes from unmasked keys, and the masked edges add little.
         # Then the masked edges of the window, then the sink blocks left of it.
         for phase in tl.static_range(4):
-            if (phase < 3 or HAS_SINK) and (phase == 0 or PART != 1) and (phase != 0 or PART != 2):
+            if phase < 3 or HAS_SINK:
                 p_lo, p_hi = _phase_bounds(bounds, phase)
                 acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, p_lo, p_hi, offs_m, offs_n, offs_d,
                                                 stride_kn, stride_vn, stride_vd, seqlen_q, seqlen_k, left, right,
@@ -556,9 +541,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Alibi, CuQ, CuK, Glob, SpCnt, SpIdx, SpPid, SpT
     else:
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
-              + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_om
+    tl.store(o_base + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=rows_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptrs, lse, mask=rows_ok)
 
 
